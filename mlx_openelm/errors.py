@@ -1,0 +1,44 @@
+"""Exceptions raised by mlx-openelm.
+
+Every error says *what* went wrong, *where* (file, field, tensor, line) and *how to fix it*.
+The CLI turns any ``OpenELMError`` into one red line and exit code 1 (``--debug`` shows the
+traceback); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class OpenELMError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class ConfigError(OpenELMError):
+    """A model configuration is missing a field, has a bad value or is inconsistent."""
+
+
+class WeightsError(OpenELMError):
+    """Weights are missing, unexpected, mis-shaped or unreadable."""
+
+
+class TokenizerError(OpenELMError):
+    """A tokenizer file is missing, unreadable or not the expected Llama-2 model."""
+
+
+class ModelNotFoundError(OpenELMError):
+    """A model path or hub repository cannot be found (or is not cached while offline)."""
+
+
+class UnsafePickleError(OpenELMError):
+    """A PyTorch pickle asked for a global outside the allow-list."""
+
+
+class DataError(OpenELMError):
+    """A dataset or input file is missing, empty or malformed."""
+
+
+class AdapterError(OpenELMError):
+    """LoRA adapters do not match the model or are unreadable."""
+
+
+class OutputExistsError(OpenELMError):
+    """An output path already exists and ``--force`` was not given."""
