@@ -1,0 +1,231 @@
+"""Loading MLX model folders (and Hugging Face OpenELM folders, which share the tensor names).
+
+``load(path_or_repo)`` → ``(model, tokenizer)``. A local folder is read directly; a hub repo id is
+converted once into a local cache folder (``$MLX_OPENELM_HOME``, default
+``~/.cache/mlx-openelm/models``) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
+from .model import Model
+
+_LIST_LIMIT = 12
+
+
+def cache_root() -> Path:
+    """Where hub models are converted to: ``$MLX_OPENELM_HOME/models`` or ``~/.cache/...``."""
+    home = os.environ.get("MLX_OPENELM_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "mlx-openelm"
+    return base / "models"
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """``org/name`` with no local meaning: not an existing path, one slash, no leading dot/slash."""
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "/", "~"))
+        and not Path(name).exists()
+    )
+
+
+def resolve_model_path(model: str | Path, **convert_options: Any) -> Path:
+    """Turn a folder path or hub repo id into a local MLX model folder.
+
+    A repo id is downloaded and converted into ``cache_root()/<org>--<name>`` the first time
+    (``convert_options`` go to the converter) and reused afterwards.
+
+    Raises:
+        ModelNotFoundError: the path does not exist, or the repo cannot be fetched.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if not looks_like_repo_id(name):
+        raise ModelNotFoundError(
+            f"model {name!r} not found: it is neither a local folder nor a hub repo id like "
+            "'apple/OpenELM-270M-Instruct'"
+        )
+    cached = cache_root() / name.replace("/", "--")
+    if (cached / "config.json").is_file():
+        return cached
+    from .convert import convert  # imported lazily: the converter pulls in more machinery
+
+    convert(name, cached, **convert_options)
+    return cached
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    """Read ``config.json`` from a model folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{folder} is not a model folder: it has no config.json "
+            "(convert a checkpoint first with `mlx-openelm convert`)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-create it or re-convert") from e
+
+
+def load_weights(folder: Path) -> dict[str, mx.array]:
+    """Load every ``model*.safetensors`` tensor of a folder (lazily memory-mapped by MLX)."""
+    files = sorted(glob.glob(str(Path(folder) / "model*.safetensors")))
+    if not files:
+        raise WeightsError(
+            f"{folder} has no model*.safetensors weights; convert the checkpoint with "
+            "`mlx-openelm convert SOURCE OUTPUT`"
+        )
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except (RuntimeError, ValueError) as e:
+            raise WeightsError(f"cannot read {f}: {e}; the file is damaged, re-convert it") from e
+    return weights
+
+
+def _fmt(items: list[str]) -> str:
+    more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
+    return ", ".join(items[:_LIST_LIMIT]) + more
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+    """Compare ``weights`` with the model's parameters; raise once listing every mismatch.
+
+    Raises:
+        WeightsError: missing, unexpected or mis-shaped tensors (all of them named).
+    """
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k} (expected {tuple(v.shape)}, got {tuple(weights[k].shape)})"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_fmt(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {_fmt(extra)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_fmt(shapes)}")
+    if problems:
+        raise WeightsError(
+            f"weights in {where} do not match the config: "
+            + "; ".join(problems)
+            + ". The weights and config.json come from different models; re-convert the checkpoint"
+        )
+
+
+def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:
+    """Swap in quantized modules for every layer the weights store quantized.
+
+    ``quantization`` is mlx-lm's config entry: defaults ``group_size``/``bits``/``mode`` plus
+    optional per-module overrides keyed by module path (a dict, or ``False`` to keep it float).
+    """
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str, Any]]:
+    """Build the model from ``folder/config.json`` and load its weights.
+
+    Returns:
+        ``(model, config_dict)``; quantized folders load as quantized modules.
+
+    Raises:
+        ModelNotFoundError, ConfigError, WeightsError: with the file or field at fault.
+    """
+    folder = Path(folder)
+    config = load_config(folder)
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    weights = model.sanitize(load_weights(folder))
+    if args.quantization:
+        quantize_like(model, args.quantization, weights)
+    check_weights(model, weights, str(folder))
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def load_adapters(model: Model, adapter_path: str | Path) -> Model:
+    """Apply LoRA/DoRA adapters saved in mlx-lm's layout (``adapters.safetensors`` + config)."""
+    from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
+
+    adapter_path = Path(adapter_path)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (adapter_path / name).is_file():
+            raise AdapterError(
+                f"{adapter_path} is not an adapter folder: {name} is missing "
+                "(train one with `mlx-openelm lora`)"
+            )
+    try:
+        model = _mlx_lm_load_adapters(model, str(adapter_path))
+    except ValueError as e:  # mlx-lm reports shape/name mismatches as ValueError
+        raise AdapterError(
+            f"adapters in {adapter_path} do not fit this model: {e}; "
+            "use the base model they were trained on"
+        ) from e
+    model.eval()
+    return model
+
+
+def load(
+    path_or_repo: str | Path,
+    adapter_path: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    lazy: bool = False,
+) -> tuple[Model, Any]:
+    """Load an OpenELM model and its tokenizer.
+
+    Args:
+        path_or_repo: an MLX (or Hugging Face OpenELM) folder, or a hub repo id such as
+            ``apple/OpenELM-270M-Instruct`` (converted once into the local cache).
+        adapter_path: optional LoRA adapter folder to apply.
+        tokenizer: optional explicit ``tokenizer.model`` file.
+        lazy: leave weights memory-mapped until first use.
+
+    Returns:
+        ``(model, tokenizer)``: a ``mlx_openelm.model.Model`` and a
+        ``mlx_openelm.tokenizer.Tokenizer``.
+    """
+    from .hub import resolve_tokenizer_file
+    from .tokenizer import Tokenizer
+
+    folder = resolve_model_path(path_or_repo)
+    model, _ = load_model(folder, lazy=lazy)
+    if adapter_path is not None:
+        model = load_adapters(model, adapter_path)
+    tok_file = resolve_tokenizer_file(model_dir=folder, tokenizer=tokenizer)
+    return model, Tokenizer.from_folder(folder, tokenizer_file=tok_file)
