@@ -1,0 +1,496 @@
+"""The Llama-2 SentencePiece tokenizer OpenELM uses, its Zephyr chat template and streaming decode.
+
+Encoding follows Hugging Face's ``LlamaTokenizer`` in *legacy* mode, which OpenELM-Instruct was
+fine-tuned with: the special-token strings ``<unk>``, ``<s>`` and ``</s>`` in the text become their
+ids, and each stretch of text between them is encoded by SentencePiece on its own, so each stretch
+gets SentencePiece's dummy-prefix space (``"hi</s>\\nx"`` → ``▁hi </s> ▁ <0x0A> x``). This is what
+the SentencePiece-backed ``LlamaTokenizer(legacy=True)`` does. (transformers 5 builds its Llama
+tokenizer with a Metaspace pre-tokenizer that drops the dummy prefix when a stretch already starts
+with a space; we keep SentencePiece's output, which is what OpenELM was pre-trained on.)
+
+Decoding works piece by piece (``▁`` → space, ``<0xNN>`` → byte) in one state machine shared by
+:meth:`Tokenizer.decode` and :class:`StreamingDetokenizer`, so streamed chunks always join to
+exactly the full decode.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import jinja2.ext
+import sentencepiece as spm
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mlx_openelm.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+TOKENIZER_FILENAME = "tokenizer.model"
+TOKENIZER_CONFIG_FILENAME = "tokenizer_config.json"
+MODEL_MAX_LENGTH = 2048  # OpenELM's context length
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Apple's template, verbatim from corenet's openelm-instruct.yaml (alignment-handbook's Zephyr
+# template). Rendered like Hugging Face does (trim_blocks, lstrip_blocks) it gives
+# "<|system|>\n{sys}</s>\n<|user|>\n{msg}</s>\n<|assistant|>\n{reply}</s>\n" and the generation
+# prompt "<|assistant|>\n": trim_blocks removes the newline after a block tag (`%}`) but not the one
+# after the expression `{{ '<|assistant|>' }}`, so the prompt already ends with a newline.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+# Piece kinds in the decode table.
+_NORMAL, _BYTE, _SPECIAL = 0, 1, 2
+
+
+class Tokenizer:
+    """A SentencePiece tokenizer with Hugging Face ``LlamaTokenizer`` (legacy) semantics.
+
+    Besides its own API it offers what mlx-lm's ``stream_generate`` reads from a tokenizer
+    (``encode(text, add_special_tokens=...)``, ``decode``, ``bos_token``, ``eos_token_id``,
+    ``get_vocab``, ``chat_template``…), so it can be passed to mlx-lm directly; use
+    :meth:`to_mlx_lm` to wrap it with our linear-time :class:`StreamingDetokenizer`.
+    """
+
+    def __init__(self, model_file: str | Path, chat_template: str | None = None) -> None:
+        path = Path(model_file)
+        if not path.is_file():
+            raise TokenizerError(
+                f"Tokenizer file {path} does not exist. Pass the Llama-2 {TOKENIZER_FILENAME} "
+                "(--tokenizer FILE) or convert the model again so its folder holds one."
+            )
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as exc:
+            raise TokenizerError(
+                f"{path} is not a SentencePiece model ({exc}). OpenELM needs the Llama-2 "
+                f"{TOKENIZER_FILENAME} (sha256 {LLAMA2_TOKENIZER_SHA256})."
+            ) from exc
+        self.model_file = path
+        self.chat_template = chat_template
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.unk_id: int = self._sp.unk_id()
+        self.vocab_size: int = self._sp.get_piece_size()
+        if min(self.bos_id, self.eos_id, self.unk_id) < 0:
+            raise TokenizerError(
+                f"{path} defines no BOS, EOS or UNK piece (ids {self.bos_id}, {self.eos_id}, "
+                f"{self.unk_id}); OpenELM needs the Llama-2 {TOKENIZER_FILENAME}."
+            )
+        self._pieces = _piece_table(self._sp)
+        self._special_ids = {
+            text: i for i, (kind, text, _) in enumerate(self._pieces) if kind == _SPECIAL
+        }
+        # Longest first, so that no special string matches inside a longer one.
+        alternatives = sorted(self._special_ids, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, tokenizer_file: str | Path | None = None) -> Tokenizer:
+        """Load ``folder/tokenizer.model`` (or ``tokenizer_file``) and the folder's chat template.
+
+        Args:
+            folder: A model folder; its ``tokenizer_config.json`` may hold a ``chat_template``.
+            tokenizer_file: A SentencePiece model to use instead of ``folder/tokenizer.model``.
+
+        Raises:
+            TokenizerError: The model file is missing or unreadable, or the config is malformed.
+        """
+        folder = Path(folder)
+        model_file = (
+            Path(tokenizer_file) if tokenizer_file is not None else folder / TOKENIZER_FILENAME
+        )
+        if not model_file.is_file():
+            raise TokenizerError(
+                f"No tokenizer at {model_file}. Pass the Llama-2 {TOKENIZER_FILENAME} with "
+                "--tokenizer FILE, or convert the model again so its folder holds one."
+            )
+        return cls(model_file, chat_template=_read_chat_template(folder))
+
+    # -- Hugging Face / mlx-lm compatible attributes ------------------------------------------
+
+    @property
+    def bos_token(self) -> str:
+        return self._sp.id_to_piece(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self._sp.id_to_piece(self.eos_id)
+
+    @property
+    def unk_token(self) -> str:
+        return self._sp.id_to_piece(self.unk_id)
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {self.eos_id}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    @has_chat_template.setter
+    def has_chat_template(self, value: bool) -> None:
+        # mlx-lm's TokenizerWrapper assigns this name on the tokenizer it wraps (its __setattr__
+        # forwards unknown names). Our answer always follows ``chat_template``, so the assignment
+        # is accepted and has no effect.
+        del value
+
+    def get_vocab(self) -> dict[str, int]:
+        """Piece → id for the whole vocabulary."""
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # -- Encoding and decoding ---------------------------------------------------------------
+
+    def encode(
+        self, text: str, add_bos: bool = True, *, add_special_tokens: bool | None = None
+    ) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their ids.
+
+        ``add_special_tokens`` is Hugging Face's name for ``add_bos`` (mlx-lm passes it); when
+        given it wins. No EOS is ever appended.
+        """
+        if add_special_tokens is not None:
+            add_bos = add_special_tokens
+        ids = [self.bos_id] if add_bos else []
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:  # re.split puts the captured special strings at the odd positions
+                ids.append(self._special_ids[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode(
+        self,
+        ids: Iterable[int],
+        skip_special: bool = True,
+        *,
+        skip_special_tokens: bool | None = None,
+    ) -> str:
+        """Text of ``ids``.
+
+        With ``skip_special`` (Hugging Face: ``skip_special_tokens``) BOS, EOS and UNK are dropped
+        and the result equals SentencePiece's decode. Without it they appear as ``<s>``, ``</s>``
+        and ``<unk>`` and the text after each loses the dummy-prefix space that ``encode`` gave
+        it, so ``decode(encode(t, add_bos=False), skip_special=False) == t``.
+
+        Raises:
+            TokenizerError: An id is outside the vocabulary.
+        """
+        if skip_special_tokens is not None:
+            skip_special = skip_special_tokens
+        detokenizer = StreamingDetokenizer(self, skip_special=skip_special)
+        for token in ids:
+            detokenizer.add_token(int(token))
+        detokenizer.finalize()
+        return detokenizer.text
+
+    def detokenizer(self, skip_special: bool = True) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer for this vocabulary."""
+        return StreamingDetokenizer(self, skip_special=skip_special)
+
+    def to_mlx_lm(self) -> TokenizerWrapper:
+        """This tokenizer wrapped for mlx-lm, streaming through our :class:`StreamingDetokenizer`.
+
+        ``mlx_lm.stream_generate`` also accepts the bare tokenizer, but then wraps it with its
+        naive detokenizer, which re-decodes the current line for every token.
+        """
+        from mlx_lm.tokenizer_utils import TokenizerWrapper  # imports transformers: keep lazy
+
+        return TokenizerWrapper(self, detokenizer_class=StreamingDetokenizer)
+
+    # -- Chat --------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool = False,
+        **template_vars: Any,
+    ) -> Any:
+        """Render ``messages`` with the chat template.
+
+        Args:
+            messages: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts.
+            add_generation_prompt: End with the assistant header (``<|assistant|>\\n``).
+            tokenize: Return :meth:`encode_chat` ids instead of text (mlx-lm's wrapper asks for
+                this). Unlike Hugging Face these start with BOS: the Zephyr template renders none,
+                and OpenELM-Instruct was fine-tuned on BOS + rendered text.
+            template_vars: Extra variables for the template (Hugging Face passes some).
+
+        Returns:
+            The rendered text (a ``str``), or its ids when ``tokenize`` is true.
+
+        Raises:
+            TokenizerError: No chat template, bad messages, or the template fails to render.
+        """
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt)
+        if self.chat_template is None:
+            raise TokenizerError(
+                f'Tokenizer {self.model_file} has no chat template. Add "chat_template" to the '
+                f"model's {TOKENIZER_CONFIG_FILENAME} (OpenELM-Instruct uses Zephyr's) or prompt "
+                "with plain text."
+            )
+        _check_messages(messages)
+        context = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            **template_vars,
+            "messages": [dict(message) for message in messages],
+            "add_generation_prompt": add_generation_prompt,
+        }
+        try:
+            return _compile_template(self.chat_template).render(**context)
+        except jinja2.TemplateError as exc:
+            raise TokenizerError(f"The chat template failed to render: {exc}") from exc
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """BOS + the ids of the rendered chat template (see :meth:`apply_chat_template`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_bos=True)
+
+    # -- Saving ------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.model`` and a ``tokenizer_config.json`` into ``folder``.
+
+        The config is one that both :meth:`from_folder` and transformers' ``AutoTokenizer``
+        (hence ``mlx_lm.load``) read: a legacy ``LlamaTokenizer`` that adds BOS and not EOS.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / TOKENIZER_FILENAME
+        if not (target.exists() and target.samefile(self.model_file)):
+            shutil.copyfile(self.model_file, target)
+        config: dict[str, Any] = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": MODEL_MAX_LENGTH,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (folder / TOKENIZER_CONFIG_FILENAME).write_text(text, encoding="utf-8")
+
+
+class StreamingDetokenizer:
+    """Incremental decode for generation, in the shape mlx-lm's detokenizers have.
+
+    ``add_token`` returns the text the token completes (possibly ``""``): bytes of an unfinished
+    UTF-8 character from byte-fallback pieces (``<0xE2><0x82><0xAC>``) are held until complete,
+    and the leading ``▁`` of the first piece is dropped only at the very start, like the full
+    decode. The chunks join to exactly ``Tokenizer.decode(tokens)``. ``text`` holds all text so
+    far, ``tokens`` all ids, and ``last_segment`` the text since it was last read.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._pieces = tokenizer._pieces
+        self.skip_special = skip_special
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all tokens and text (fresh lists, so shallow copies do not share state)."""
+        self.text = ""
+        self.tokens: list[int] = []
+        self.offset = 0
+        self._pending = bytearray()
+        self._segment_start = True
+
+    def add_token(self, token: int) -> str:
+        """Consume one id and return the text it completes.
+
+        Raises:
+            TokenizerError: The id is outside the vocabulary.
+        """
+        if not 0 <= token < len(self._pieces):
+            raise TokenizerError(
+                f"Token id {token} is outside the tokenizer's {len(self._pieces)} ids; the model "
+                "and the tokenizer do not match."
+            )
+        self.tokens.append(token)
+        kind, text, byte = self._pieces[token]
+        if kind == _BYTE:
+            self._pending.append(byte)
+            self._segment_start = False  # SentencePiece: a byte piece takes the dummy-prefix slot
+            return self._emit(self._take_bytes(force=False))
+        if kind == _SPECIAL:
+            if self.skip_special:
+                return ""
+            self._segment_start = True
+            return self._emit(self._take_bytes(force=True) + text)
+        if self._segment_start and text.startswith(" "):
+            text = text[1:]  # the dummy prefix SentencePiece added when encoding
+        self._segment_start = False
+        return self._emit(self._take_bytes(force=True) + text)
+
+    def finalize(self) -> str:
+        """Flush held bytes (an unfinished character becomes U+FFFD per byte) and return them."""
+        return self._emit(self._take_bytes(force=True))
+
+    @property
+    def last_segment(self) -> str:
+        """The text added since this property was last read."""
+        segment = self.text[self.offset :]
+        self.offset = len(self.text)
+        return segment
+
+    def _emit(self, chunk: str) -> str:
+        self.text += chunk
+        return chunk
+
+    def _take_bytes(self, force: bool) -> str:
+        if not self._pending:
+            return ""
+        cut = len(self._pending) if force else _complete_prefix_len(self._pending)
+        data = bytes(self._pending[:cut])
+        del self._pending[:cut]
+        return _decode_bytewise(data)
+
+
+def _piece_table(sp: spm.SentencePieceProcessor) -> list[tuple[int, str, int]]:
+    """(kind, text, byte) per id: text with ``▁`` as a space; byte only for ``<0xNN>`` pieces."""
+    table = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            table.append((_BYTE, "", int(piece[3:5], 16)))
+        elif sp.is_control(i) or sp.is_unknown(i):
+            table.append((_SPECIAL, piece, -1))
+        else:
+            table.append((_NORMAL, piece.replace("\u2581", " "), -1))
+    return table
+
+
+def _complete_prefix_len(buf: bytearray) -> int:
+    """Length of ``buf`` without a trailing, still unfinished UTF-8 character.
+
+    Cuts only before a non-continuation byte, so no valid character is ever split.
+    """
+    for back in range(1, min(4, len(buf)) + 1):
+        lead = buf[-back]
+        if lead & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+            need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(buf) - back if back < need else len(buf)
+    return len(buf)
+
+
+def _decode_bytewise(data: bytes) -> str:
+    """UTF-8 decode with one U+FFFD per invalid byte, as SentencePiece's decode does.
+
+    Per-byte replacement makes decoding local: decoding two parts cut before a non-continuation
+    byte gives the same text as decoding the whole.
+    """
+    parts = []
+    while True:
+        try:
+            parts.append(data.decode("utf-8"))
+            return "".join(parts)
+        except UnicodeDecodeError as exc:
+            parts.append(data[: exc.start].decode("utf-8"))
+            parts.append("\ufffd" * (exc.end - exc.start))
+            data = data[exc.end :]
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    """The ``chat_template`` of ``folder/tokenizer_config.json``, if the file has one."""
+    config_file = folder / TOKENIZER_CONFIG_FILENAME
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{config_file} is not valid JSON ({exc}). Fix or delete it.") from exc
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # Hugging Face's named templates: [{"name", "template"}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(
+            f"{config_file}: chat_template must be a string, got {type(template).__name__}."
+        )
+    return template
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise TokenizerError(
+            "A chat needs a non-empty list of {'role': ..., 'content': ...} messages; "
+            f"got {messages!r:.80}."
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TokenizerError(f"Chat message {i} is a {type(message).__name__}, not a dict.")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise TokenizerError(
+                f"Chat message {i} has role {role!r}; the chat template knows only "
+                "'system', 'user' and 'assistant'."
+            )
+        if not isinstance(message.get("content"), str):
+            raise TokenizerError(
+                f"Chat message {i} ({role}) needs a string 'content', got "
+                f"{type(message.get('content')).__name__}."
+            )
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str) -> jinja2.Template:
+    """Compile a chat template in the environment Hugging Face renders templates in."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.globals["raise_exception"] = _raise_template_error
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TokenizerError(
+            f"The chat template does not parse (line {exc.lineno}: {exc.message}). Fix "
+            f'"chat_template" in {TOKENIZER_CONFIG_FILENAME}.'
+        ) from exc
