@@ -12,7 +12,6 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from spm_fixture import make_tiny_sentencepiece
 from tiny import random_weights, tiny_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -43,6 +42,8 @@ def make_model_dir(
 @pytest.fixture(scope="session")
 def tiny_spm(tmp_path_factory) -> Path:
     """A tiny byte-fallback SentencePiece model (BOS=1, EOS=2) trained on the fly."""
+    from spm_fixture import make_tiny_sentencepiece
+
     return make_tiny_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model")
 
 
