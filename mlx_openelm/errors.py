@@ -42,3 +42,8 @@ class AdapterError(OpenELMError):
 
 class OutputExistsError(OpenELMError):
     """An output path already exists and ``--force`` was not given."""
+
+
+class GenerationError(OpenELMError):
+    """Generation options are invalid (a sampling value out of range, a draft model that does
+    not match, an empty prompt or one longer than the context)."""
