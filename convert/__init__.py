@@ -1,0 +1,1 @@
+"""Converters: checkpoints in -> MLX model folders."""
