@@ -1,12 +1,11 @@
 """The Llama-2 SentencePiece tokenizer OpenELM uses, its Zephyr chat template and streaming decode.
 
-Encoding follows Hugging Face's ``LlamaTokenizer`` in *legacy* mode, which OpenELM-Instruct was
-fine-tuned with: the special-token strings ``<unk>``, ``<s>`` and ``</s>`` in the text become their
-ids, and each stretch of text between them is encoded by SentencePiece on its own, so each stretch
-gets SentencePiece's dummy-prefix space (``"hi</s>\\nx"`` → ``▁hi </s> ▁ <0x0A> x``). This is what
-the SentencePiece-backed ``LlamaTokenizer(legacy=True)`` does. (transformers 5 builds its Llama
-tokenizer with a Metaspace pre-tokenizer that drops the dummy prefix when a stretch already starts
-with a space; we keep SentencePiece's output, which is what OpenELM was pre-trained on.)
+Encoding follows Hugging Face's slow ``LlamaTokenizer`` in legacy mode, which OpenELM-Instruct
+was fine-tuned with: ``<unk>``, ``<s>`` and ``</s>`` in the text become their ids, and each stretch
+between them is encoded by SentencePiece on its own, dummy-prefix space included
+(``"hi</s>\\nx"`` → ``▁hi </s> ▁ <0x0A> x``). transformers 5's Llama tokenizer (a ``tokenizers``
+BPE) differs from SentencePiece on runs of spaces (``"a  b"``: ``▁a ▁▁ b`` vs ``▁a ▁ ▁b``) and at
+stretches that start with a space; we keep SentencePiece's encoding, as OpenELM was trained on it.
 
 Decoding works piece by piece (``▁`` → space, ``<0xNN>`` → byte) in one state machine shared by
 :meth:`Tokenizer.decode` and :class:`StreamingDetokenizer`, so streamed chunks always join to
@@ -97,6 +96,12 @@ class Tokenizer:
                 f"{path} defines no BOS, EOS or UNK piece (ids {self.bos_id}, {self.eos_id}, "
                 f"{self.unk_id}); OpenELM needs the Llama-2 {TOKENIZER_FILENAME}."
             )
+        # Hugging Face's names, which mlx-lm reads.
+        self.bos_token, self.eos_token, self.unk_token = map(
+            self._sp.id_to_piece, (self.bos_id, self.eos_id, self.unk_id)
+        )
+        self.bos_token_id, self.eos_token_id = self.bos_id, self.eos_id
+        self.eos_token_ids = {self.eos_id}
         self._pieces = _piece_table(self._sp)
         self._special_ids = {
             text: i for i, (kind, text, _) in enumerate(self._pieces) if kind == _SPECIAL
@@ -127,32 +132,6 @@ class Tokenizer:
             )
         return cls(model_file, chat_template=_read_chat_template(folder))
 
-    # -- Hugging Face / mlx-lm compatible attributes ------------------------------------------
-
-    @property
-    def bos_token(self) -> str:
-        return self._sp.id_to_piece(self.bos_id)
-
-    @property
-    def eos_token(self) -> str:
-        return self._sp.id_to_piece(self.eos_id)
-
-    @property
-    def unk_token(self) -> str:
-        return self._sp.id_to_piece(self.unk_id)
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.bos_id
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.eos_id
-
-    @property
-    def eos_token_ids(self) -> set[int]:
-        return {self.eos_id}
-
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
@@ -170,8 +149,6 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
-
-    # -- Encoding and decoding ---------------------------------------------------------------
 
     def encode(
         self, text: str, add_bos: bool = True, *, add_special_tokens: bool | None = None
@@ -230,8 +207,6 @@ class Tokenizer:
 
         return TokenizerWrapper(self, detokenizer_class=StreamingDetokenizer)
 
-    # -- Chat --------------------------------------------------------------------------------
-
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -239,25 +214,36 @@ class Tokenizer:
         *,
         tokenize: bool = False,
         **template_vars: Any,
-    ) -> Any:
-        """Render ``messages`` with the chat template.
+    ) -> str | list[int]:
+        """Render ``messages`` (``{"role": "system" | "user" | "assistant", "content": str}``).
 
         Args:
-            messages: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts.
+            messages: The conversation.
             add_generation_prompt: End with the assistant header (``<|assistant|>\\n``).
-            tokenize: Return :meth:`encode_chat` ids instead of text (mlx-lm's wrapper asks for
-                this). Unlike Hugging Face these start with BOS: the Zephyr template renders none,
+            tokenize: Return :meth:`encode_chat` ids instead (mlx-lm's wrapper asks for them).
+                Unlike Hugging Face's these start with BOS: the Zephyr template renders none,
                 and OpenELM-Instruct was fine-tuned on BOS + rendered text.
-            template_vars: Extra variables for the template (Hugging Face passes some).
-
-        Returns:
-            The rendered text (a ``str``), or its ids when ``tokenize`` is true.
+            template_vars: Extra template variables (Hugging Face and mlx-lm pass some).
 
         Raises:
             TokenizerError: No chat template, bad messages, or the template fails to render.
         """
         if tokenize:
             return self.encode_chat(messages, add_generation_prompt)
+        return self._render(messages, add_generation_prompt, template_vars)
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """BOS + the ids of the rendered chat (see :meth:`apply_chat_template`)."""
+        return self.encode(self._render(messages, add_generation_prompt, {}), add_bos=True)
+
+    def _render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        template_vars: Mapping[str, Any],
+    ) -> str:
         if self.chat_template is None:
             raise TokenizerError(
                 f'Tokenizer {self.model_file} has no chat template. Add "chat_template" to the '
@@ -277,15 +263,6 @@ class Tokenizer:
             return _compile_template(self.chat_template).render(**context)
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"The chat template failed to render: {exc}") from exc
-
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """BOS + the ids of the rendered chat template (see :meth:`apply_chat_template`)."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
-        return self.encode(text, add_bos=True)
-
-    # -- Saving ------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
         """Write ``tokenizer.model`` and a ``tokenizer_config.json`` into ``folder``.
@@ -333,11 +310,27 @@ class StreamingDetokenizer:
 
     def reset(self) -> None:
         """Forget all tokens and text (fresh lists, so shallow copies do not share state)."""
-        self.text = ""
         self.tokens: list[int] = []
-        self.offset = 0
+        self.offset = 0  # characters handed out through ``last_segment`` (mlx-lm's field)
+        self._parts: list[str] = []  # all text, joined lazily by ``text``
+        self._unread: list[str] = []  # text not yet returned by ``last_segment``
         self._pending = bytearray()
         self._segment_start = True
+
+    @property
+    def text(self) -> str:
+        """All text so far."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @property
+    def last_segment(self) -> str:
+        """The text added since this property was last read."""
+        segment = "".join(self._unread)
+        self._unread = []
+        self.offset += len(segment)
+        return segment
 
     def add_token(self, token: int) -> str:
         """Consume one id and return the text it completes.
@@ -360,25 +353,20 @@ class StreamingDetokenizer:
             if self.skip_special:
                 return ""
             self._segment_start = True
-            return self._emit(self._take_bytes(force=True) + text)
-        if self._segment_start and text.startswith(" "):
-            text = text[1:]  # the dummy prefix SentencePiece added when encoding
-        self._segment_start = False
-        return self._emit(self._take_bytes(force=True) + text)
+        elif self._segment_start:
+            self._segment_start = False
+            if text.startswith(" "):
+                text = text[1:]  # the dummy prefix SentencePiece added when encoding
+        return self._emit(self._take_bytes(force=True) + text if self._pending else text)
 
     def finalize(self) -> str:
         """Flush held bytes (an unfinished character becomes U+FFFD per byte) and return them."""
         return self._emit(self._take_bytes(force=True))
 
-    @property
-    def last_segment(self) -> str:
-        """The text added since this property was last read."""
-        segment = self.text[self.offset :]
-        self.offset = len(self.text)
-        return segment
-
     def _emit(self, chunk: str) -> str:
-        self.text += chunk
+        if chunk:
+            self._parts.append(chunk)
+            self._unread.append(chunk)
         return chunk
 
     def _take_bytes(self, force: bool) -> str:
