@@ -1,0 +1,81 @@
+"""The CLI skeleton: help, version, the one error path, ``info``; and mlx-lm loading our folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+from typer.testing import CliRunner
+
+from mlx_openelm import __version__
+from mlx_openelm.cli import app
+from mlx_openelm.loading import load
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"mlx-openelm {__version__}"
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "info" in result.output
+
+
+def test_info_on_tiny_folder(tiny_model_dir):
+    result = runner.invoke(app, ["info", "--model", str(tiny_model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    desc = json.loads(result.output)
+    assert desc["layers"] == 4 and desc["num_query_heads"] == [2, 4, 4, 4]
+    assert desc["dtype"] == "F32" and desc["chat_template"] == "yes"
+
+
+def test_bad_model_is_one_line_and_exit_1(tmp_path):
+    result = runner.invoke(app, ["info", "--model", str(tmp_path)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("Error:") and "no config.json" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    # Through the real console script so the exception really propagates.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_openelm.cli", "--debug", "info", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ModelNotFoundError" in proc.stderr
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_openelm.cli", "info", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("Error:")
+
+
+def test_our_folder_loads_with_mlx_lm_and_gives_the_same_logits(tiny_model_dir):
+    import mlx_lm
+
+    theirs, their_tok = mlx_lm.load(str(tiny_model_dir))
+    ours, our_tok = load(tiny_model_dir)
+    text = "hello world, this is a test"
+    ids = our_tok.encode(text)
+    assert their_tok.encode(text) == ids  # transformers reads our tokenizer_config.json alike
+    a = np.array(ours(mx.array([ids])))
+    b = np.array(theirs(mx.array([ids])))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
