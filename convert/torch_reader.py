@@ -198,7 +198,9 @@ class LazyTensor:
 
     __slots__ = ("_storage", "_offset", "_stride", "dtype", "shape")
 
-    def __init__(self, storage: _StorageRef, dtype: str, offset: int, shape: tuple, stride: tuple):
+    def __init__(
+        self, storage: _StorageRef, dtype: str, offset: int, shape: tuple, stride: tuple
+    ) -> None:
         self._storage, self.dtype, self._offset, self.shape, self._stride = (
             storage, dtype, offset, shape, stride
         )  # fmt: skip

@@ -275,6 +275,23 @@ def test_forbidden_globals_are_refused_before_running(tmp_path: Path, global_nam
     assert not marker.exists()
 
 
+def test_build_opcode_cannot_patch_shared_objects(tmp_path: Path) -> None:
+    """BUILD with slot state setattr()s on its target: it must only reach per-load copies."""
+    state = (None, {"__repr__": Global("torch", "Size")})
+    path = tf.save({"a": tf.Build(Global("argparse", "Namespace"), state)}, tmp_path / "cls.pt")
+    repr_before = argparse.Namespace.__repr__
+    open_torch_checkpoint(path).close()
+    assert argparse.Namespace.__repr__ is repr_before
+    assert repr(argparse.Namespace(a=1)) == "Namespace(a=1)"
+
+    state = (None, {"__defaults__": (1,)})
+    target = Global("torch._utils", "_rebuild_tensor_v2")
+    path = tf.save({"b": tf.Build(target, state)}, tmp_path / "func.pt")
+    with pytest.raises(WeightsError, match="func.pt"):  # the per-load copy refuses the state
+        open_torch_checkpoint(path)
+    assert torch_reader._rebuild_tensor_v2.__defaults__ is None
+
+
 def test_unsupported_tensor_kinds_are_named(tmp_path: Path) -> None:
     sparse = Reduce(Global("torch._utils", "_rebuild_sparse_tensor"), (Global("torch", "float"),))
     path = tf.save({"w": sparse}, tmp_path / "sparse.pt")

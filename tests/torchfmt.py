@@ -88,6 +88,14 @@ class Obj:
     state: dict = field(default_factory=dict)
 
 
+@dataclass
+class Build:
+    """``target`` updated with ``state`` (the BUILD opcode): ``(None, {...})`` means setattr."""
+
+    target: Any
+    state: Any
+
+
 def bf16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch does)."""
     bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
@@ -155,6 +163,10 @@ class _PickleWriter:
         elif isinstance(obj, Obj):
             self.save(obj.cls)
             out += b")\x81"  # EMPTY_TUPLE NEWOBJ
+            self.save(obj.state)
+            out += b"b"  # BUILD
+        elif isinstance(obj, Build):
+            self.save(obj.target)
             self.save(obj.state)
             out += b"b"  # BUILD
         elif isinstance(obj, Size):
