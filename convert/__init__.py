@@ -1,1 +1,264 @@
-"""Converters: checkpoints in -> MLX model folders."""
+"""Converters: every checkpoint a user brings -> an MLX model folder, streaming and atomic.
+
+Sources (``sources``): a hub repo id, a local Hugging Face folder (safetensors or
+``pytorch_model.bin``, single or sharded), a CoreNet ``.pt`` with its training YAML or size, or
+several of one kind averaged. Each is opened lazily, renamed by its format's table
+(``hf.HF_RULES``, ``corenet.CORENET_RULES``), checked against the config, then streamed tensor by
+tensor — cast, optionally quantized (``quantize``), written (``mlx_openelm.folder``) — so peak
+memory stays near the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import ConfigError, OutputExistsError
+from mlx_openelm.folder import write_model_folder
+
+from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
+from .quality import QualityReport, quantization_quality
+from .quantize import MIXED_PRESETS, QuantPlan, plan_quantization, quantize_stream
+from .sources import FORMATS, open_source
+from .tensors import TensorRef
+
+__all__ = [
+    "FORMATS",
+    "MIXED_PRESETS",
+    "ConvertProgress",
+    "ConvertResult",
+    "QualityReport",
+    "convert",
+]
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+CHAT_TEMPLATES = ("auto", "zephyr", "none")
+# Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port notes
+# that 3B needs bfloat16's range; float16 overflows in its activations.
+BF16_ABOVE_PARAMETERS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class ConvertProgress:
+    """A progress report: ``phase`` is ``"hash"`` (hashing source files) or ``"convert"``."""
+
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    tensors_done: int
+    tensors_total: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion produced.
+
+    Attributes:
+        path: the output folder.
+        parameters: number of model parameters.
+        size_bytes: bytes on disk of the whole folder.
+        seconds: wall time of the conversion (including the quality check).
+        dtype: the output float dtype.
+        source: the source record written to ``config.json``.
+        quantization: the ``quantization`` config entry, or None.
+        bits_per_weight: average stored bits per quantized weight (scales included), or None.
+        quality: quantized vs unquantized on a probe text, or None.
+    """
+
+    path: Path
+    parameters: int
+    size_bytes: int
+    seconds: float
+    dtype: str
+    source: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    bits_per_weight: float | None = None
+    quality: QualityReport | None = None
+
+
+def convert(
+    source: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    source_format: str | None = None,
+    config_yaml: str | Path | None = None,
+    size: str | None = None,
+    dtype: str | None = None,
+    quantize: bool = False,
+    bits: int = 4,
+    group_size: int = 64,
+    mixed: str | None = None,
+    tokenizer: str | Path | None = None,
+    chat_template: str | None = None,
+    quality: bool = True,
+    force: bool = False,
+    revision: str | None = None,
+    on_progress: Callable[[ConvertProgress], None] | None = None,
+) -> ConvertResult:
+    """Convert a checkpoint into an MLX model folder.
+
+    Args:
+        source: a hub repo id, an HF folder, a CoreNet checkpoint file, or a list of several
+            checkpoints of one kind, which are averaged (uniform mean, in float32).
+        output: the folder to create (atomically; refused if it exists unless ``force``).
+        source_format: ``"hf"`` or ``"corenet"``; None detects it.
+        config_yaml: a CoreNet training YAML (``model.language_modeling.general_gpt``).
+        size: instead of ``config_yaml``: ``270M``, ``450M``, ``1_1B`` or ``3B``.
+        dtype: ``float16``, ``bfloat16`` or ``float32``; default float16 (bfloat16 for 3B).
+        quantize: quantize with ``bits`` and ``group_size`` (2/3/4/6/8; 32/64/128).
+        mixed: a mixed-precision preset (``mixed_3_6``...); implies ``quantize``.
+        tokenizer: an explicit ``tokenizer.model`` (else the source's, else Llama-2's).
+        chat_template: ``zephyr``, ``none`` or ``auto`` (None): the source's template, else
+            Zephyr for ``-Instruct`` models.
+        quality: after quantizing, measure the KL divergence and perplexity cost.
+        force: replace an existing ``output``.
+        revision: hub revision (branch, tag or commit) for a repo id.
+        on_progress: called with a :class:`ConvertProgress` as files are hashed and tensors
+            written.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        OutputExistsError, ConfigError, ModelNotFoundError, WeightsError, UnsafePickleError,
+        TokenizerError: with what, where and how to fix; nothing is written then.
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not force:
+        raise OutputExistsError(
+            f"output {output} already exists; choose another path or pass --force to replace it"
+        )
+    out_dtype_name = _check_options(dtype, chat_template)
+    plan_options = (bits, group_size, mixed) if (quantize or mixed) else None
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    if not sources:
+        raise ConfigError("no source given; pass a repo id, a folder or a checkpoint file")
+    cps = [open_source(s, source_format, config_yaml, size, revision) for s in sources]
+    cp = cps[0] if len(cps) == 1 else average_checkpoints(cps)
+    tensors = prepare_tensors(cp)
+    plan = plan_quantization(cp.args, *plan_options) if plan_options else None
+    out_dtype_name = out_dtype_name or _default_dtype(cp.args)
+    tok = _tokenizer(cp, tokenizer, chat_template)
+    record = _source_record(cps, on_progress)
+    config = _output_config(cp.args, record, out_dtype_name, plan)
+    stream = _stream(tensors, DTYPES[out_dtype_name], on_progress)
+    if plan is not None:
+        stream = quantize_stream(stream, plan)
+    totals = write_model_folder(
+        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
+    )
+    report = None
+    if plan is not None and quality:
+        report = quantization_quality(tensors, output, cp.args, DTYPES[out_dtype_name])
+    return ConvertResult(
+        path=Path(totals["path"]),
+        parameters=cp.args.num_parameters(),
+        size_bytes=sum(f.stat().st_size for f in output.iterdir() if f.is_file()),
+        seconds=time.perf_counter() - start,
+        dtype=out_dtype_name,
+        source=record,
+        quantization=plan.config() if plan else None,
+        bits_per_weight=plan.bits_per_weight(_shapes(tensors)) if plan else None,
+        quality=report,
+    )
+
+
+def _check_options(dtype: str | None, chat_template: str | None) -> str | None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        raise ConfigError(
+            f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got {chat_template!r}"
+        )
+    return dtype
+
+
+def _default_dtype(args: ModelArgs) -> str:
+    return "bfloat16" if args.num_parameters() > BF16_ABOVE_PARAMETERS else "float16"
+
+
+def _shapes(tensors: Mapping[str, TensorRef]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def _tokenizer(cp: Checkpoint, tokenizer: str | Path | None, chat_template: str | None) -> Any:
+    """The output tokenizer, with the chat template the user asked for or the source implies."""
+    from mlx_openelm.hub import resolve_tokenizer_file
+    from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer
+
+    model_file = resolve_tokenizer_file(model_dir=cp.folder, tokenizer=tokenizer)
+    if chat_template == "zephyr":
+        template = ZEPHYR_CHAT_TEMPLATE
+    elif chat_template == "none":
+        template = None
+    else:  # auto: the source folder's own template, else Zephyr for instruct models
+        template = Tokenizer.from_folder(cp.folder, model_file).chat_template if cp.folder else None
+        if template is None and "instruct" in cp.name.lower():
+            template = ZEPHYR_CHAT_TEMPLATE
+    return Tokenizer(model_file, chat_template=template)
+
+
+def _source_record(
+    cps: Sequence[Checkpoint], on_progress: Callable[[ConvertProgress], None] | None
+) -> dict[str, Any]:
+    """Where the weights came from: repo id + revision, or each local file's sha256."""
+    from mlx_openelm.hub import file_sha256
+
+    files = [f for cp in cps if "repo_id" not in cp.source for f in cp.files]
+    total, done, hashes = sum(f.stat().st_size for f in files), 0, {}
+    for i, f in enumerate(files):
+        hashes[f] = file_sha256(f)
+        done += f.stat().st_size
+        if on_progress is not None:
+            on_progress(ConvertProgress("hash", done, total, i + 1, len(files), f.name))
+    records = [
+        cp.source
+        if "repo_id" in cp.source
+        else {**cp.source, "files": [{"file": f.name, "sha256": hashes[f]} for f in cp.files]}
+        for cp in cps
+    ]
+    return records[0] if len(records) == 1 else {"averaged": len(records), "checkpoints": records}
+
+
+def _output_config(
+    args: ModelArgs, source: dict[str, Any], dtype: str, plan: QuantPlan | None
+) -> dict[str, Any]:
+    from mlx_openelm import __version__
+
+    config = args.to_dict()
+    config["torch_dtype"] = dtype
+    if plan is not None:
+        config["quantization"] = plan.config()
+    config["source"] = source
+    config["converted_by"] = {
+        "tool": "mlx-openelm",
+        "version": __version__,
+        "dtype": dtype,
+        "quantization": plan.config() if plan else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return config
+
+
+def _stream(
+    tensors: Mapping[str, TensorRef],
+    dtype: mx.Dtype,
+    on_progress: Callable[[ConvertProgress], None] | None,
+) -> Iterator[tuple[str, mx.array]]:
+    """Read, cast and hand on one tensor at a time, reporting progress after each."""
+    total = sum(ref.nbytes for ref in tensors.values())
+    done = 0
+    for i, (name, ref) in enumerate(tensors.items()):
+        yield name, ref.to_mlx(dtype)
+        done += ref.nbytes
+        if on_progress is not None:
+            on_progress(ConvertProgress("convert", done, total, i + 1, len(tensors), name))

@@ -1,0 +1,203 @@
+"""Lazy tensors in checkpoint files, read one at a time.
+
+Every source format ends up as a mapping ``name -> TensorRef``: something with a ``shape``, a
+``dtype`` name, ``nbytes`` and ``to_mlx(dtype)``, which reads *that one tensor* from disk when
+called. Safetensors files are read here with plain ``seek`` + ``readinto`` (no whole-file memory
+map, whose touched pages would count towards the process's resident memory until unmapped);
+PyTorch zip files go through :mod:`.torch_reader`. Two wrappers build on any ``TensorRef``:
+:class:`RowSlice` (keep the first rows) and :class:`AveragedTensor` (uniform mean of several).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_openelm.errors import WeightsError
+from mlx_openelm.info import safetensors_header
+
+from .torch_reader import load_torch_state_dict
+
+# safetensors dtype tag -> (our dtype name, numpy storage type); bfloat16 is moved as raw bits.
+_ST_DTYPES: dict[str, tuple[str, str]] = {
+    "F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
+    "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
+    "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?"),
+}  # fmt: skip
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class TensorRef(Protocol):
+    """A tensor that is read from disk only when :meth:`to_mlx` is called."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def to_mlx(self, dtype: mx.Dtype | None = None) -> mx.array: ...
+
+
+class SafetensorsTensor:
+    """One tensor of a safetensors file: ``nbytes`` bytes at absolute offset ``start``."""
+
+    __slots__ = ("path", "start", "shape", "dtype", "_np_dtype")
+
+    def __init__(self, path: Path, start: int, shape: tuple[int, ...], tag: str) -> None:
+        self.path, self.start, self.shape = path, start, shape
+        self.dtype, self._np_dtype = _ST_DTYPES[tag]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self._np_dtype).itemsize
+
+    def __repr__(self) -> str:
+        return f"SafetensorsTensor({self.path.name}, shape={self.shape}, dtype={self.dtype})"
+
+    def to_mlx(self, dtype: mx.Dtype | None = None) -> mx.array:
+        buf = np.empty(self.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            got = f.readinto(memoryview(buf))
+        if got != self.nbytes:
+            raise WeightsError(
+                f"{self.path}: file ended while reading a tensor (got {got} of {self.nbytes} "
+                "bytes); the file is truncated, download or save it again"
+            )
+        array = mx.array(buf.view(self._np_dtype).reshape(self.shape))
+        del buf
+        if self.dtype == "bfloat16":
+            array = array.view(mx.bfloat16)
+        return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+
+
+def open_safetensors(path: Path) -> dict[str, SafetensorsTensor]:
+    """The tensors of one safetensors file, after checking its header against the file size.
+
+    Raises:
+        WeightsError: a truncated or corrupt header, an unknown dtype, a shape that disagrees
+            with the byte range, or data past the end of the file (all problems listed).
+    """
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    size = os.path.getsize(path)
+    tensors: dict[str, SafetensorsTensor] = {}
+    problems: list[str] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if tag not in _ST_DTYPES:
+                problems.append(f"{name} has unsupported dtype {tag}")
+                continue
+            ref = SafetensorsTensor(path, data_start + int(begin), shape, tag)
+            span, need = int(end) - int(begin), ref.nbytes
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name} has a malformed header entry {entry!r}")
+            continue
+        if span != need:
+            problems.append(f"{name} spans {span} bytes but shape {shape} needs {need}")
+        elif ref.start + span > size:
+            problems.append(f"{name} ends at byte {ref.start + span} but the file has {size}")
+        tensors[name] = ref
+    if problems:
+        raise WeightsError(
+            f"{path} is damaged: " + "; ".join(problems) + ". The file is truncated or corrupt; "
+            "download or save it again"
+        )
+    return tensors
+
+
+def open_weight_files(files: Sequence[Path]) -> dict[str, TensorRef]:
+    """Merge the tensors of several weight files (safetensors or torch), in file order.
+
+    Raises:
+        WeightsError: unreadable files, or the same tensor name in two files.
+        UnsafePickleError: a torch pickle asking for a forbidden global.
+    """
+    merged: dict[str, TensorRef] = {}
+    seen_in: dict[str, Path] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            part: Mapping[str, TensorRef] = open_safetensors(path)
+        else:
+            part = load_torch_state_dict(path)
+        dupes = sorted(set(part) & set(merged))
+        if dupes:
+            raise WeightsError(
+                f"tensor(s) {', '.join(dupes[:8])} appear in both {seen_in[dupes[0]]} and {path}; "
+                "pass each shard once (or the folder with its index file)"
+            )
+        merged.update(part)
+        seen_in.update(dict.fromkeys(part, path))
+    return merged
+
+
+def read_index(index: Path) -> list[Path]:
+    """The shard files named by a ``*.index.json`` (checked to exist), in first-use order.
+
+    Raises:
+        WeightsError: unreadable index or missing shard files (all named).
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(
+            f"{index} is not a valid shard index ({e}); download it again or remove it"
+        ) from e
+    files = [index.parent / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise WeightsError(
+            f"{index} lists shard(s) that are not in {index.parent}: {', '.join(missing)}; "
+            "download the missing files"
+        )
+    return files
+
+
+class RowSlice:
+    """The first ``rows`` rows of another tensor (e.g. an embedding without its padding rows)."""
+
+    def __init__(self, ref: TensorRef, rows: int) -> None:
+        self.ref, self.rows = ref, rows
+        self.shape = (rows, *ref.shape[1:])
+        self.dtype = ref.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.nbytes // self.ref.shape[0] * self.rows
+
+    def to_mlx(self, dtype: mx.Dtype | None = None) -> mx.array:
+        return self.ref.to_mlx(dtype)[: self.rows]
+
+
+class AveragedTensor:
+    """The uniform mean of same-shaped tensors, accumulated in float32 one input at a time."""
+
+    def __init__(self, refs: Sequence[TensorRef]) -> None:
+        self.refs = list(refs)
+        self.shape = tuple(self.refs[0].shape)
+        self.dtype = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.refs)
+
+    def to_mlx(self, dtype: mx.Dtype | None = None) -> mx.array:
+        total = self.refs[0].to_mlx(mx.float32)
+        for ref in self.refs[1:]:
+            total = total + ref.to_mlx(mx.float32)
+            mx.eval(total)  # drop each input as soon as it is added
+        mean = total / len(self.refs)
+        return mean if dtype is None else mean.astype(dtype)
