@@ -143,6 +143,155 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
 # === lora / fuse / peft (LoRA issue) ===
 
 # === eval / bench / doctor (evaluation issue) ===
+eval_app = typer.Typer(
+    cls=TyperGroup,
+    help="Measure model quality: perplexity over text, zero-shot multiple choice.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+FastBlasOpt = Annotated[
+    bool,
+    typer.Option("--fast-blas", help="Linux CPU: restart with OpenBLAS preloaded (see doctor)."),
+]
+
+
+def _fast_blas(enabled: bool) -> None:
+    """Restart the command with OpenBLAS preloaded (does not return), or say why not."""
+    if enabled:
+        from mlx_openelm.doctor import reexec_with_openblas
+
+        reason = reexec_with_openblas(sys.orig_argv)
+        if reason:
+            err.print(f"[yellow]{reason}[/]", markup=True)
+
+
+def _progress_bar(what: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"[bold]{what}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _run_with_progress(what: str, work):
+    """Run ``work(on_progress)`` under a progress bar on stderr; return its result."""
+    with _progress_bar(what) as bar:
+        task = bar.add_task(what, total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _print_json(data) -> None:
+    import json
+
+    out.print(json.dumps(data, indent=2), markup=False)
+
+
+@eval_app.command("perplexity")
+def eval_perplexity(
+    data: Annotated[Path, typer.Option("--data", help='Text file, or JSONL of {"text"}.')],
+    model: ModelOpt = DEFAULT_MODEL,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 2048,
+    stride: Annotated[int, typer.Option("--stride", help="Step between windows.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per batch.")] = 1,
+    adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
+    fast_blas: FastBlasOpt = False,
+) -> None:
+    """Perplexity over a text file in sliding windows (Hugging Face's recipe)."""
+    _fast_blas(fast_blas)
+    from dataclasses import asdict
+
+    from mlx_openelm.evaluate import perplexity, read_texts
+    from mlx_openelm.generate import load_for_generation
+
+    texts = read_texts(data)
+    lm, tok, _ = load_for_generation(model, adapter_path=adapter, tokenizer=tokenizer)
+    result = _run_with_progress(
+        "windows",
+        lambda cb: perplexity(lm, tok, texts, seq_len, stride, batch_size, on_progress=cb),
+    )
+    if as_json:
+        return _print_json(asdict(result))
+    out.print(f"documents     {result.documents}\nwindows       {result.windows}")
+    out.print(f"tokens scored {result.tokens}\nnll / token   {result.nll:.4f}")
+    out.print(f"perplexity    {result.perplexity:.4f}")
+
+
+@eval_app.command("choice")
+def eval_choice(
+    tasks: Annotated[Path, typer.Option("--tasks", help="JSONL: context, choices, answer.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N.")] = None,
+    delimiter: Annotated[str, typer.Option("--delimiter", help="Between context/choice.")] = " ",
+    max_length: Annotated[int, typer.Option("--max-length", help="Most tokens seen.")] = 2048,
+    adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
+    fast_blas: FastBlasOpt = False,
+) -> None:
+    """Zero-shot multiple-choice accuracy (acc, acc_norm), scored like lm-eval."""
+    _fast_blas(fast_blas)
+    from mlx_openelm.evaluate import evaluate_choice, read_choice_tasks
+    from mlx_openelm.generate import load_for_generation
+
+    questions = read_choice_tasks(tasks)[:limit]
+    lm, tok, _ = load_for_generation(model, adapter_path=adapter, tokenizer=tokenizer)
+    r = _run_with_progress(
+        "questions",
+        lambda cb: evaluate_choice(lm, tok, questions, delimiter, max_length, on_progress=cb),
+    )
+    summary = {k: getattr(r, k) for k in ("questions", "acc", "acc_stderr", "acc_norm")}
+    if as_json:
+        return _print_json({**summary, "acc_norm_stderr": r.acc_norm_stderr})
+    out.print(f"questions {r.questions}")
+    out.print(f"acc       {r.acc:.4f} ± {r.acc_stderr:.4f}")
+    out.print(f"acc_norm  {r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}")
+
+
+@app.command("bench")
+def bench_command(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", "-p", help="Random prompt length.")
+    ] = 512,
+    generation_tokens: Annotated[
+        int, typer.Option("--generation-tokens", "-g", help="Tokens to generate.")
+    ] = 128,
+    trials: Annotated[int, typer.Option("--num-trials", "-n", help="Timed runs.")] = 3,
+    compare_mlx_lm: Annotated[
+        bool, typer.Option("--compare-mlx-lm", help="Also time mlx-lm on the same folder.")
+    ] = False,
+    seed: SeedOpt = None,
+    as_json: JsonOpt = False,
+    fast_blas: FastBlasOpt = False,
+) -> None:
+    """Prompt and generation speed on a random prompt, peak memory, and the decode limit."""
+    _fast_blas(fast_blas)
+    from mlx_openelm.bench import bench, format_bench
+
+    report = bench(model, prompt_tokens, generation_tokens, trials, compare_mlx_lm, seed=seed or 0)
+    if as_json:
+        return _print_json(report.to_dict())
+    out.print(format_bench(report), markup=False)
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
+    """Versions, backend, memory and (Linux CPU) which BLAS MLX uses: paste it into bug reports."""
+    _fast_blas(fast_blas)
+    from mlx_openelm.doctor import format_report, report
+
+    r = report()
+    if as_json:
+        return _print_json(r)
+    out.print(format_report(r), markup=False)
+
 
 # === serve (server issue) ===
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import make_model_dir
 from typer.testing import CliRunner
 
+from mlx_openelm.cli import app
 from mlx_openelm.errors import DataError
 from mlx_openelm.evaluate import (
     ChoiceQuestion,
@@ -295,3 +297,105 @@ def test_choice_progress_and_stderr(tiny):
     assert seen == [(i, len(QUESTIONS)) for i in range(1, len(QUESTIONS) + 1)]
     p, n = result.acc, len(QUESTIONS)
     assert result.acc_stderr == pytest.approx(math.sqrt(p * (1 - p) * n / (n - 1) / n))
+
+
+def test_choice_errors(tiny):
+    _, model, tok, _ = tiny
+    with pytest.raises(DataError, match="more than max_length=2"):
+        choice_loglikelihoods(model, tok, ChoiceQuestion("a", ("b c d e f", "g"), 0), max_length=2)
+    # Without a delimiter a choice can merge into the context's last token and add nothing.
+    merged = next(
+        (c, x)
+        for c, x in (("th", "e"), ("hel", "lo"), ("a", "b"), ("wor", "ld"))
+        if len(tok.encode(c + x)) <= len(tok.encode(c))
+    )
+    with pytest.raises(DataError, match="adds no token"):
+        choice_loglikelihoods(model, tok, ChoiceQuestion(merged[0], (merged[1], "zz"), 0), "")
+    with pytest.raises(DataError, match="no questions"):
+        evaluate_choice(model, tok, [])
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+def test_cli_perplexity_text_and_json(tiny, tmp_path):
+    folder, model, tok, _ = tiny
+    data = tmp_path / "wiki.txt"
+    data.write_text(TEXT + "\n")
+    args = ["eval", "perplexity", "-m", str(folder), "--data", str(data), "--seq-len", "16"]
+    expected = perplexity(model, tok, [TEXT], seq_len=16, stride=4)
+    result = runner.invoke(app, [*args, "--stride", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"tokens scored {expected.tokens}" in result.output
+    assert f"perplexity    {expected.perplexity:.4f}" in result.output
+    result = runner.invoke(app, [*args, "--stride", "4", "--json"])
+    assert json.loads(result.output)["tokens"] == expected.tokens
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps({"text": "Hello"}) + "\n")
+    result = runner.invoke(app, [*args[:4], "--data", str(jsonl), "--json"])
+    assert json.loads(result.output)["documents"] == 2
+
+
+def test_cli_choice_on_the_example_file(tiny):
+    folder, model, tok, _ = tiny
+    questions = read_choice_tasks(EXAMPLE_TASKS)
+    expected = evaluate_choice(model, tok, questions[:5])
+    args = ["eval", "choice", "-m", str(folder), "--tasks", str(EXAMPLE_TASKS), "--limit", "5"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["questions"] == 5
+    assert data["acc"] == expected.acc and data["acc_norm"] == expected.acc_norm
+    result = runner.invoke(app, args)
+    assert f"acc       {expected.acc:.4f}" in result.output
+    assert f"acc_norm  {expected.acc_norm:.4f}" in result.output
+
+
+@pytest.mark.parametrize(
+    "content,extra,match",
+    [
+        (None, [], "does not exist"),
+        ("", [], "is empty"),
+        (TEXT, ["--seq-len", "1"], "at least 2"),
+        (TEXT, ["--seq-len", "8", "--stride", "9"], "between 1 and seq_len"),
+    ],
+)
+def test_cli_perplexity_bad_inputs(tiny, tmp_path, content, extra, match):
+    data = tmp_path / "d.txt"
+    if content is not None:
+        data.write_text(content)
+    cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data), *extra]
+    assert match in _one_error_line(runner.invoke(app, cmd))
+
+
+def test_cli_perplexity_malformed_jsonl(tiny, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data)]
+    assert f"{data}:2: not valid JSON" in _one_error_line(runner.invoke(app, cmd))
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ('{"context": "c", "choices": ["a", "b"], "answer": 5}', ':1: "answer" is 5'),
+        ('{"context": "c", "choices": ["a", "b"], "answer": 0', ":1: not valid JSON"),
+    ],
+)
+def test_cli_choice_bad_inputs(tiny, tmp_path, line, match):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(line + "\n")
+    cmd = ["eval", "choice", "-m", str(tiny[0]), "--tasks", str(tasks)]
+    assert f"{tasks}{match}" in _one_error_line(runner.invoke(app, cmd))
+
+
+def test_cli_eval_missing_model(tmp_path):
+    cmd = ["eval", "choice", "-m", str(tmp_path / "nope"), "--tasks", str(EXAMPLE_TASKS)]
+    assert "not found" in _one_error_line(runner.invoke(app, cmd))

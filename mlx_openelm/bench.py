@@ -1,0 +1,263 @@
+"""How fast is a model: prompt and generation throughput, peak memory, and the decode limit.
+
+``bench(model)`` feeds a random-token prompt and generates a fixed number of tokens (EOS is
+ignored, as in ``mlx_lm.benchmark``), several times, through our generation loop
+(:func:`mlx_openelm.generate.stream_generate`). With ``compare_mlx_lm`` the same folder is also
+loaded by mlx-lm's own OpenELM implementation and driven by ``mlx_lm.stream_generate`` in the
+same process; the two alternate trial by trial, so background load hits both alike. Both sides use
+the same tokenizer and mlx-lm's timing (``prompt_tps``, ``generation_tps``), so only the model
+implementation differs.
+
+Decoding one token reads every weight once (the tied embedding doubles as the output layer)
+plus the KV cache, so ``memory bandwidth / bytes per token`` bounds the generation speed;
+:func:`measure_bandwidth` measures what MLX reaches on this machine with a large reduction and a
+large copy.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import GenerationError
+
+OUR_ROW = "mlx-openelm"
+MLX_LM_ROW = "mlx-lm"
+
+
+@dataclass(frozen=True)
+class Trial:
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float  # this model's weights + the trial's working memory
+    generated: int  # tokens generated (always the requested number: EOS is ignored)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+@dataclass
+class BenchRow:
+    name: str
+    trials: list[Trial] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and sample standard deviation of each measurement over the trials."""
+        out: dict[str, Any] = {"name": self.name, "trials": len(self.trials)}
+        for key in ("prompt_tps", "generation_tps", "peak_memory_gb"):
+            mean, std = _mean_std([getattr(t, key) for t in self.trials])
+            out[key], out[key + "_std"] = mean, std
+        return out
+
+
+@dataclass
+class BenchReport:
+    model: str
+    prompt_tokens: int
+    generation_tokens: int
+    weight_bytes: int
+    bytes_per_token: int  # weights + KV cache at the mean decode position
+    bandwidth_gbs: float | None  # measured; None when not measured
+    rows: list[BenchRow]
+
+    @property
+    def decode_limit_tps(self) -> float | None:
+        """Tokens/s if decoding only had to stream its bytes at the measured bandwidth."""
+        if self.bandwidth_gbs is None:
+            return None
+        return self.bandwidth_gbs * 1e9 / self.bytes_per_token
+
+    def ratio(self) -> dict[str, float] | None:
+        """ours / mlx-lm for the mean prompt and generation speed (> 1: we are faster)."""
+        rows = {r.name: r.summary() for r in self.rows}
+        if OUR_ROW not in rows or MLX_LM_ROW not in rows:
+            return None
+        ours, theirs = rows[OUR_ROW], rows[MLX_LM_ROW]
+        return {k: ours[k] / theirs[k] for k in ("prompt_tps", "generation_tps")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "weight_bytes": self.weight_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "bandwidth_gbs": self.bandwidth_gbs,
+            "decode_limit_tps": self.decode_limit_tps,
+            "rows": [r.summary() for r in self.rows],
+            "ratio": self.ratio(),
+        }
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth MLX reaches here, in GB/s (best of ``repeats``).
+
+    ``read``: a sum over a ``megabytes`` float32 array (bytes read / time); ``copy``: ``x * 1``
+    into a new array (bytes read + written / time). Decoding mostly reads, so ``read`` is the
+    relevant bound.
+    """
+    x = mx.random.uniform(shape=(megabytes * (1 << 20) // 4,))
+    mx.eval(x)
+    best = {"read": 0.0, "copy": 0.0}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(x.sum())
+        best["read"] = max(best["read"], x.nbytes / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        y = x * 1.0
+        mx.eval(y)
+        best["copy"] = max(best["copy"], 2 * x.nbytes / (time.perf_counter() - t) / 1e9)
+        del y
+    return best
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (quantized weights with their scales and biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def kv_bytes(model: nn.Module, tokens: int) -> int:
+    """Bytes of keys and values for ``tokens`` positions at the model's activation dtype."""
+    args = model.args
+    itemsize = model.transformer.norm.weight.dtype.size
+    return 2 * tokens * args.head_dim * itemsize * sum(args.num_kv_heads)
+
+
+def random_prompt(vocab_size: int, tokens: int, seed: int = 0) -> list[int]:
+    """``tokens`` uniformly random token ids (a reproducible prompt that needs no text)."""
+    return mx.random.randint(0, vocab_size, (tokens,), key=mx.random.key(seed)).tolist()
+
+
+def _check(prompt_tokens: int, generation_tokens: int, trials: int) -> None:
+    for name, value in (
+        ("prompt tokens (-p)", prompt_tokens),
+        ("generation tokens (-g)", generation_tokens),
+        ("trials (-n)", trials),
+    ):
+        if value < 1:
+            raise GenerationError(f"{name} must be at least 1, got {value}")
+
+
+def _no_eos(tokenizer: Any) -> Any:
+    """An mlx-lm tokenizer wrapper that never stops on EOS (fixed-length runs)."""
+    wrapper = tokenizer.to_mlx_lm() if hasattr(tokenizer, "to_mlx_lm") else tokenizer
+    wrapper.eos_token_ids = []
+    return wrapper
+
+
+def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, **kw: Any) -> Trial:
+    """One timed run; peak memory counts this model's weights, not every loaded model's."""
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()
+    mx.reset_peak_memory()
+    last = None
+    for response in generate(model, **kw):
+        last = response
+    peak = mx.get_peak_memory() - baseline + own_bytes
+    return Trial(last.prompt_tps, last.generation_tps, peak / 1e9, last.generation_tokens)
+
+
+def bench(
+    model: str | Path,
+    prompt_tokens: int = 512,
+    generation_tokens: int = 128,
+    trials: int = 3,
+    compare_mlx_lm: bool = False,
+    seed: int = 0,
+    measure_limit: bool = True,
+    on_trial: Callable[[str, int, Trial], None] | None = None,
+) -> BenchReport:
+    """Benchmark a model folder (or hub id): our loop, optionally next to mlx-lm's.
+
+    Args:
+        model: model folder or hub repo id.
+        prompt_tokens, generation_tokens: per trial; the prompt is random token ids.
+        trials: timed runs per row, after one untimed warm-up run each.
+        compare_mlx_lm: also run mlx-lm's implementation on the same folder.
+        seed: for the random prompt.
+        measure_limit: measure memory bandwidth for the decode limit (takes ~1 s).
+        on_trial: called with ``(row_name, trial_index, Trial)`` after each timed run.
+
+    Raises:
+        GenerationError: a count below 1. Loading errors as in :func:`mlx_openelm.load`.
+    """
+    from .generate import stream_generate
+    from .loading import load, resolve_model_path
+
+    _check(prompt_tokens, generation_tokens, trials)
+    folder = resolve_model_path(model)
+    ours, tokenizer = load(folder)
+    runners = [(OUR_ROW, stream_generate, ours)]
+    if compare_mlx_lm:
+        from mlx_lm import stream_generate as mlx_lm_stream_generate
+        from mlx_lm.utils import load_model as mlx_lm_load_model
+
+        theirs, _ = mlx_lm_load_model(folder)
+        runners.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
+    prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
+    kw = {"tokenizer": _no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
+    for _, generate, m in runners:  # warm-up: kernels, caches, first-touch of the weights
+        _run_trial(generate, m, 0, **{**kw, "max_tokens": min(generation_tokens, 8)})
+    rows = [BenchRow(name) for name, _, _ in runners]
+    for i in range(trials):
+        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+        for j in order:
+            name, generate, m = runners[j]
+            trial = _run_trial(generate, m, weight_bytes(m), **kw)
+            rows[j].trials.append(trial)
+            if on_trial is not None:
+                on_trial(name, i, trial)
+    wbytes = weight_bytes(ours)
+    return BenchReport(
+        model=str(folder),
+        prompt_tokens=prompt_tokens,
+        generation_tokens=generation_tokens,
+        weight_bytes=wbytes,
+        bytes_per_token=wbytes + kv_bytes(ours, prompt_tokens + generation_tokens // 2),
+        bandwidth_gbs=measure_bandwidth()["read"] if measure_limit else None,
+        rows=rows,
+    )
+
+
+def _pm(mean: float, std: float, digits: int = 1) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_bench(report: BenchReport) -> str:
+    """A plain-text table of a :class:`BenchReport` (rows, ratio, decode limit)."""
+    head = (
+        f"{report.model}: {report.weight_bytes / 1e6:.1f} MB of weights, "
+        f"{report.prompt_tokens}-token random prompt, {report.generation_tokens} generated"
+    )
+    lines = [head, f"{'':<16}{'prompt tok/s':>18}{'generation tok/s':>20}{'peak memory GB':>20}"]
+    for row in report.rows:
+        s = row.summary()
+        lines.append(
+            f"{row.name:<16}{_pm(s['prompt_tps'], s['prompt_tps_std']):>18}"
+            f"{_pm(s['generation_tps'], s['generation_tps_std']):>20}"
+            f"{_pm(s['peak_memory_gb'], s['peak_memory_gb_std'], 3):>20}"
+        )
+    ratio = report.ratio()
+    if ratio is not None:
+        lines.append(
+            f"{'ours / mlx-lm':<16}{ratio['prompt_tps']:>17.2f}x{ratio['generation_tps']:>19.2f}x"
+        )
+    if report.decode_limit_tps is not None:
+        lines.append(
+            f"{'decode limit':<16}{'':>18}{report.decode_limit_tps:>20.1f}"
+            f"   = {report.bandwidth_gbs:.1f} GB/s read bandwidth"
+            f" / {report.bytes_per_token / 1e6:.1f} MB per token (weights + KV cache)"
+        )
+    lines.append(f"(mean ± std over {len(report.rows[0].trials)} trials)")
+    return "\n".join(lines)
