@@ -1,0 +1,480 @@
+"""Multi-turn chat that keeps the KV cache across turns, and the REPL around it.
+
+``ChatSession`` holds the conversation and a prompt cache. Each turn it renders the whole
+conversation with the chat template, keeps the longest token prefix the cache already holds and
+prefills only the rest, so a turn costs its new tokens (the user message and the template's glue)
+rather than the whole history.
+
+The tokens are *token-faithful*: the model's reply stays in the cache as the ids it generated,
+not as a re-encoding of its text (SentencePiece may split the text differently, and the template
+puts ``<|assistant|>\\n`` and the reply in one stretch). So the next turn's ids are the cached ids
+plus the encoding of the rendered text that follows them, which for the Zephyr template starts
+after the reply's ``</s>``, where a fresh encoding starts anyway. When the rendered text does not
+extend the cached text (a new system prompt, ``/load``, a stop string cut the reply, turns
+dropped for context) the conversation is encoded afresh and the cache is trimmed to the common
+prefix.
+
+``run_repl`` is the read-eval-print loop behind ``mlx-openelm chat``; all its input and output go
+through a small ``ChatIO`` object, so it runs (and is tested) without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from .errors import DataError, GenerationError, OpenELMError
+from .folder import atomic_write_text
+from .generate import (
+    DEFAULT_MAX_TOKENS,
+    check_draft_model,
+    make_cache,
+    stream_generate,
+    validate_options,
+)
+
+if TYPE_CHECKING:
+    from mlx_lm.generate import GenerationResponse
+
+ROLES = ("system", "user", "assistant")
+_VALIDATED = {"temp", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size"}
+_VALIDATED |= {"kv_bits", "num_draft_tokens", "stop"}
+
+HELP = """\
+/help          this list
+/reset         forget the conversation (keeps the system prompt)
+/system TEXT   set the system prompt (/system alone shows it)
+/save FILE     write the transcript as JSONL, one {"role", "content"} per line
+/load FILE     continue a transcript written by /save
+/stats         tokens prefilled and generated per turn, speed, memory
+/quit          leave (also Ctrl-D); Ctrl-C stops a reply"""
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost. ``prefilled_tokens`` of ``prompt_tokens`` ran through the model; the
+    rest came from the cache."""
+
+    prompt_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str  # "stop", "length" or "interrupted"
+    dropped_turns: int = 0
+    draft_tokens: int = 0
+
+
+@dataclass
+class Turn:
+    """A planned reply: the conversation fits the context and the cache is ready.
+
+    Iterate it (once) to generate; the session records the reply when iteration ends.
+    """
+
+    session: ChatSession
+    history: list[dict[str, str]]  # the conversation including the new user message
+    text: str  # the rendered prompt
+    tokens: list[int]  # its ids
+    reused: int  # leading ids already in the cache
+    max_tokens: int
+    dropped_turns: int
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return len(self.tokens) - self.reused
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        return self.session._generate(self)
+
+
+class ChatSession:
+    """A conversation with an instruct model whose KV cache lives across turns.
+
+    Args:
+        model, tokenizer: from ``mlx_openelm.load``; the tokenizer needs a chat template.
+        system: an optional system prompt.
+        max_tokens: the most tokens per reply.
+        context_length: tokens the model attends to (default: the model's
+            ``max_context_length``, 2048 for OpenELM); older turns are dropped to stay inside.
+        draft_model: a smaller model for speculative decoding.
+        max_kv_size: a rotating cache of this many tokens.
+        sampling: the remaining ``stream_generate`` options (``temp``, ``top_p``, ``stop``…);
+            ``seed`` seeds the session once.
+
+    Raises:
+        GenerationError: no chat template, or an option out of range.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        system: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        context_length: int | None = None,
+        draft_model: nn.Module | None = None,
+        max_kv_size: int | None = None,
+        **sampling: Any,
+    ) -> None:
+        if tokenizer.chat_template is None:
+            raise GenerationError(
+                "chat needs an instruct model with a chat template, and this tokenizer has "
+                "none; use an -Instruct model, or `mlx-openelm generate` for base models"
+            )
+        options = {k: v for k, v in sampling.items() if k in _VALIDATED}
+        validate_options(max_tokens=max_tokens, max_kv_size=max_kv_size, **options)
+        if draft_model is not None:
+            check_draft_model(model, draft_model)
+            if max_kv_size is not None:
+                raise GenerationError(
+                    "max_kv_size (--max-kv-size) cannot be combined with a draft model: "
+                    "speculative decoding rewinds the cache, which a rotating cache cannot do"
+                )
+        seed = sampling.pop("seed", None)
+        if seed is not None:
+            mx.random.seed(seed)  # once per session, so turns do not repeat the same draws
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.system = system or None
+        self.max_tokens = max_tokens
+        self.context_length = context_length or model.args.max_context_length
+        self.max_kv_size = max_kv_size
+        self.sampling = sampling
+        self.history: list[dict[str, str]] = []
+        self.turns: list[TurnStats] = []
+        self._cache: list[Any] | None = None  # None: build a fresh one next turn
+        self._ids: list[int] = []  # the conversation's ids so far, as the model saw them
+        self._text: str | None = None  # the text they render, when known exactly
+        self._in_cache = 0  # leading ids of self._ids the cache holds
+
+    # -- conversation ---------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat-template messages, system prompt first."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [dict(m) for m in self.history]
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many conversation tokens the KV cache holds now."""
+        return self._in_cache if self._cache is not None else 0
+
+    def reset(self) -> None:
+        """Forget the conversation; the system prompt stays and its cached prefix is reused."""
+        self.history = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def send(self, text: str) -> Turn:
+        """Plan a reply to ``text``: fit the context, reuse the cache. Iterate the result.
+
+        Raises:
+            GenerationError: the message alone does not fit the context.
+        """
+        history = [*self.history, {"role": "user", "content": text}]
+        tokens, rendered = self._tokens_for(history)
+        dropped = 0
+        while len(tokens) + self.max_tokens > self.context_length and _num_turns(history) > 1:
+            history = _drop_oldest_turn(history)
+            dropped += 1
+            tokens, rendered = self._tokens_for(history)
+        if len(tokens) >= self.context_length:
+            raise GenerationError(
+                f"this message makes a {len(tokens)}-token prompt, which does not fit the "
+                f"{self.context_length}-token context; send a shorter message"
+            )
+        max_tokens = min(self.max_tokens, self.context_length - len(tokens))
+        reused = self._reuse_cache(tokens)
+        return Turn(self, history, rendered, tokens, reused, max_tokens, dropped)
+
+    # -- transcripts ------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the conversation as JSONL (one ``{"role", "content"}`` per line)."""
+        lines = [json.dumps(m, ensure_ascii=False) + "\n" for m in self.messages]
+        try:
+            atomic_write_text(path, "".join(lines))
+        except OSError as e:
+            raise DataError(f"cannot write transcript {path}: {e.strerror or e}") from e
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation (and system prompt) with a JSONL transcript.
+
+        Raises:
+            DataError: the file is missing, unreadable or not a transcript (with the line).
+        """
+        messages = read_transcript(path)
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        self.system = messages[0]["content"] if has_system else None
+        self.history = messages[1:] if has_system else messages
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _tokens_for(self, history: list[dict[str, str]]) -> tuple[list[int], str]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        text = self.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        if self._text is not None and text.startswith(self._text):
+            rest = self.tokenizer.encode(text[len(self._text) :], add_special_tokens=False)
+            return self._ids + rest, text
+        return self.tokenizer.encode(text, add_special_tokens=True), text
+
+    def _reuse_cache(self, tokens: list[int]) -> int:
+        """Trim the cache to its longest prefix of ``tokens`` (leaving one to run); its length."""
+        if self._cache is None:
+            self._forget_cache()
+        n = _common_prefix(self._ids[: self._in_cache], tokens)
+        n = min(n, len(tokens) - 1)  # the last prompt token must run to give the next logits
+        if n < self._in_cache:
+            if can_trim_prompt_cache(self._cache):
+                trim_prompt_cache(self._cache, self._in_cache - n)
+            else:  # a rotating cache that has wrapped around: start over
+                self._forget_cache()
+                n = 0
+        self._in_cache = n
+        return n
+
+    def _forget_cache(self) -> None:
+        self._cache = make_cache(self.model, self.draft_model, self.max_kv_size)
+        self._ids, self._text, self._in_cache = [], None, 0
+
+    def _generate(self, turn: Turn) -> Iterator[GenerationResponse]:
+        pieces: list[str] = []
+        generated: list[int] = []
+        last: GenerationResponse | None = None
+        drafted = 0
+        try:
+            for last in stream_generate(
+                self.model,
+                self.tokenizer,
+                turn.tokens[turn.reused :],
+                turn.max_tokens,
+                prompt_cache=self._cache,
+                draft_model=self.draft_model,
+                **self.sampling,
+            ):
+                pieces.append(last.text)
+                generated.append(last.token)
+                drafted += last.from_draft
+                yield last
+        finally:
+            # No finish reason: interrupted inside mlx-lm's loop, the cache may be half-updated.
+            finished = last is not None and last.finish_reason is not None
+            if finished:
+                self._sync_cache(turn, generated)
+            else:
+                self._cache = None
+            reply = "".join(pieces)
+            keep = turn.history if reply else turn.history[:-1]  # nothing came: drop the question
+            self.history = keep + ([{"role": "assistant", "content": reply}] if reply else [])
+            self.turns.append(
+                TurnStats(
+                    prompt_tokens=len(turn.tokens),
+                    prefilled_tokens=turn.prefilled_tokens,
+                    generated_tokens=len(generated),
+                    prompt_tps=last.prompt_tps if last else 0.0,
+                    generation_tps=last.generation_tps if last else 0.0,
+                    peak_memory=last.peak_memory if last else 0.0,
+                    finish_reason=last.finish_reason if finished else "interrupted",
+                    dropped_turns=turn.dropped_turns,
+                    draft_tokens=drafted,
+                )
+            )
+
+    def _sync_cache(self, turn: Turn, generated: list[int]) -> None:
+        """The conversation's ids are now the prompt and every generated id, EOS included; the
+        cache holds all or (speculative decoding leaves the last one out) all but the last."""
+        assert self._cache is not None
+        self._ids = turn.tokens + generated
+        self._text = turn.text + self.tokenizer.decode(generated, skip_special_tokens=False)
+        n = min([len(self._ids), *(c.offset for c in self._cache)])
+        for c in self._cache:  # every layer, the draft model's too, must hold the same ids
+            if c.offset > n and not c.is_trimmable():
+                self._cache = None
+                return
+            c.trim(c.offset - n)
+        self._in_cache = n
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _num_turns(history: list[dict[str, str]]) -> int:
+    return sum(m["role"] == "user" for m in history)
+
+
+def _drop_oldest_turn(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Drop messages up to (not including) the second user message."""
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    return history[users[1] :]
+
+
+def read_transcript(path: str | Path) -> list[dict[str, str]]:
+    """Messages of a JSONL transcript written by ``/save``.
+
+    Raises:
+        DataError: missing or unreadable file, bad JSON, unknown role, or a misplaced system line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise DataError(
+            f"cannot read transcript {path}: {reason}; give a JSONL file written by /save"
+        ) from e
+    messages: list[dict[str, str]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where} is not JSON ({e.msg}); /save writes one object per line"
+            ) from e
+        ok = isinstance(item, dict) and item.get("role") in ROLES
+        if not ok or not isinstance(item.get("content"), str):
+            raise DataError(
+                f'{where}: expected {{"role": "system"|"user"|"assistant", "content": "..."}}, '
+                f"got {line[:60]!r}"
+            )
+        if item["role"] == "system" and messages:
+            raise DataError(f"{where}: a system message may only be the first line")
+        messages.append({"role": item["role"], "content": item["content"]})
+    return messages
+
+
+# -- the REPL ---------------------------------------------------------------------------------
+
+
+class ChatIO(Protocol):
+    """The REPL's terminal: ``read`` returns a line without its newline (None at end of input,
+    Ctrl-D), ``write`` streams reply text, ``info`` shows a dim status line, ``error`` one line."""
+
+    def read(self, prompt: str) -> str | None: ...
+    def write(self, text: str) -> None: ...
+    def info(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+
+
+PROMPT = ">>> "
+
+
+def run_repl(session: ChatSession, io: ChatIO) -> int:
+    """Read messages and commands until ``/quit``, end of input or Ctrl-C at the prompt.
+
+    A Ctrl-C during a reply stops that reply and the session goes on. An error in one command
+    or turn is reported on one line and the session goes on.
+
+    Returns:
+        The number of commands or turns that failed (for the exit status of scripted runs).
+    """
+    failures = 0
+    while True:
+        try:
+            line = io.read(PROMPT)
+        except KeyboardInterrupt:
+            io.write("\n")
+            return failures
+        if line is None:
+            return failures
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not _run_command(session, line, io):
+                    return failures
+            else:
+                _reply(session, line, io)
+        except OpenELMError as e:
+            io.error(str(e))
+            failures += 1
+
+
+def _reply(session: ChatSession, text: str, io: ChatIO) -> None:
+    turn = session.send(text)
+    if turn.dropped_turns:
+        io.info(
+            f"(context full: dropped the {turn.dropped_turns} oldest turn(s) to stay within "
+            f"{session.context_length} tokens; cache rebuilt)"
+        )
+    responses = iter(turn)
+    try:
+        for r in responses:
+            io.write(r.text)
+        io.write("\n")
+    except KeyboardInterrupt:
+        io.write("\n")
+        io.info("(reply stopped)")
+    finally:
+        responses.close()
+
+
+def _run_command(session: ChatSession, line: str, io: ChatIO) -> bool:
+    """Run one slash command; False means leave."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/help":
+        io.info(HELP)
+    elif name == "/reset":
+        session.reset()
+        io.info("(conversation cleared)")
+    elif name == "/system":
+        if arg:
+            session.set_system(arg)
+            io.info("(system prompt set)")
+        else:
+            io.info(f"(system prompt: {session.system!r})")
+    elif name in ("/save", "/load") and not arg:
+        raise DataError(f"{name} needs a file name, e.g. {name} chat.jsonl")
+    elif name == "/save":
+        session.save(arg)
+        io.info(f"(saved {len(session.messages)} messages to {arg})")
+    elif name == "/load":
+        session.load(arg)
+        io.info(f"(loaded {len(session.messages)} messages from {arg})")
+    elif name == "/stats":
+        io.info("\n".join(stats_lines(session)))
+    else:
+        raise GenerationError(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def stats_lines(session: ChatSession) -> list[str]:
+    """A small table of every turn: prompt, prefilled and generated tokens, speed, memory."""
+    rows = [
+        f"{'turn':>4} {'prompt':>7} {'prefilled':>9} {'generated':>9} "
+        f"{'prefill tok/s':>13} {'gen tok/s':>9} {'peak GB':>7}  finish"
+    ]
+    for i, t in enumerate(session.turns, 1):
+        rows.append(
+            f"{i:>4} {t.prompt_tokens:>7} {t.prefilled_tokens:>9} {t.generated_tokens:>9} "
+            f"{t.prompt_tps:>13.1f} {t.generation_tps:>9.1f} {t.peak_memory:>7.3f}  "
+            f"{t.finish_reason}"
+        )
+    rows.append(
+        f"cache: {session.cached_tokens} of {session.context_length} context tokens; "
+        f"{len(session.messages)} messages"
+    )
+    return rows

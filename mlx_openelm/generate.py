@@ -1,0 +1,416 @@
+"""Text generation: mlx-lm's generation loop driving OpenELM, plus stop strings and prompts.
+
+The loop itself is mlx-lm's (``mlx_lm.generate.stream_generate`` over ``generate_step`` or
+``speculative_generate_step``, with its samplers, logits processors and KV caches); this module
+adds what OpenELM users need on top: option checks with actionable errors, chat-template prompts
+(``build_prompt``), stop strings that are never partly printed, a seed, quantized KV caches that
+actually switch on within OpenELM's 2048-token context, and draft-model checks.
+
+    model, tokenizer = mlx_openelm.load("apple/OpenELM-270M-Instruct")
+    ids = build_prompt(tokenizer, "Name three fruits.")
+    for r in stream_generate(model, tokenizer, ids, max_tokens=64, stop=["\\n\\n"]):
+        print(r.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import GenerationError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from mlx_lm.generate import GenerationResponse
+
+# mlx-lm is imported inside the functions that use it: importing it takes seconds (it pulls in
+# transformers), and ``import mlx_openelm`` (hence every CLI command) imports this module.
+
+__all__ = [
+    "StopMatcher",
+    "build_prompt",
+    "generate",
+    "load_for_generation",
+    "make_cache",
+    "stream_generate",
+    "validate_options",
+]
+
+# Defaults in one place: the CLI's option defaults read these.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0
+DEFAULT_MIN_P = 0.0
+DEFAULT_REPETITION_CONTEXT = 20
+DEFAULT_NUM_DRAFT = 3
+KV_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def validate_options(
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT,
+    stop: Sequence[str] | None = None,
+) -> None:
+    """Check generation options; each problem names the option, the value and a valid range.
+
+    Raises:
+        GenerationError: the first option that is out of range.
+    """
+    checks = [
+        (max_tokens > 0, "max_tokens (--max-tokens)", max_tokens, "a positive integer"),
+        (math.isfinite(temp) and temp >= 0, "temp (--temp)", temp, ">= 0 (0 = greedy)"),
+        (0 < top_p <= 1, "top_p (--top-p)", top_p, "in (0, 1] (1 = off)"),
+        (top_k >= 0, "top_k (--top-k)", top_k, ">= 0 (0 = off)"),
+        (0 <= min_p <= 1, "min_p (--min-p)", min_p, "in [0, 1] (0 = off)"),
+        (
+            repetition_penalty is None or repetition_penalty > 0,
+            "repetition_penalty (--repetition-penalty)",
+            repetition_penalty,
+            "> 0 (1 = off; 1.1-1.3 discourages repeats)",
+        ),
+        (
+            repetition_context_size > 0,
+            "repetition_context_size (--repetition-context-size)",
+            repetition_context_size,
+            "a positive integer",
+        ),
+        (max_kv_size is None or max_kv_size > 0, "max_kv_size (--max-kv-size)", max_kv_size, "> 0"),
+        (
+            kv_bits is None or kv_bits in KV_BITS,
+            "kv_bits (--kv-bits)",
+            kv_bits,
+            f"one of {KV_BITS}",
+        ),
+        (num_draft_tokens > 0, "num_draft_tokens (--num-draft)", num_draft_tokens, "> 0"),
+    ]
+    for ok, name, value, valid in checks:
+        if not ok:
+            raise GenerationError(f"{name} must be {valid}, got {value!r}")
+    for s in stop or ():
+        if not isinstance(s, str) or not s:
+            raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the model's vocabulary (from its config, which quantization does not change)."""
+    return int(model.args.vocab_size)
+
+
+def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
+    """A draft model must score the same vocabulary as the model.
+
+    Raises:
+        GenerationError: the vocabularies differ.
+    """
+    ours, theirs = vocab_size(model), vocab_size(draft_model)
+    if ours != theirs:
+        raise GenerationError(
+            f"the draft model has a {theirs}-token vocabulary but the model has {ours}; "
+            "speculative decoding needs the same tokenizer: use a smaller OpenELM (e.g. "
+            "apple/OpenELM-270M-Instruct) as --draft-model"
+        )
+
+
+def make_cache(
+    model: nn.Module, draft_model: nn.Module | None = None, max_kv_size: int | None = None
+) -> list[Any]:
+    """A fresh prompt cache for ``model`` (then ``draft_model``'s layers, as mlx-lm expects).
+
+    ``max_kv_size`` gives a rotating cache that keeps the newest tokens (not with a draft model,
+    whose cache must be trimmable).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model, max_kv_size=max_kv_size)
+    if draft_model is not None:
+        cache += make_prompt_cache(draft_model)
+    return cache
+
+
+def build_prompt(
+    tokenizer: Any, prompt: str, system: str | None = None, raw: bool = False
+) -> list[int]:
+    """Token ids for a user prompt.
+
+    Instruct models (the tokenizer has a chat template) get the template with an optional system
+    message; base models, or ``raw=True``, get BOS + the text (the system text first, if any).
+
+    Raises:
+        GenerationError: the prompt is empty.
+    """
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty; pass --prompt TEXT (or --prompt - for stdin)")
+    if tokenizer.chat_template is not None and not raw:
+        messages = [{"role": "system", "content": system}] if system else []
+        return tokenizer.encode_chat([*messages, {"role": "user", "content": prompt}])
+    text = f"{system}\n\n{prompt}" if system else prompt
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string and holds back text that could start one.
+
+    ``push(piece)`` returns ``(text_safe_to_show, stopped)``; ``flush()`` releases the held text
+    when generation ends without a stop.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()) -> None:
+        self.stops = list(stops)
+        self._held = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        text = self._held + piece
+        # No stop string can start in text already released: that text ends in no stop prefix.
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        keep = max((self._partial(text, s) for s in self.stops), default=0)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    @staticmethod
+    def _partial(text: str, stop: str) -> int:
+        """Length of the longest proper prefix of ``stop`` that ``text`` ends with."""
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                return k
+        return 0
+
+
+def _for_mlx_lm(tokenizer: Any) -> Any:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if isinstance(tokenizer, TokenizerWrapper):
+        return tokenizer
+    if hasattr(tokenizer, "to_mlx_lm"):
+        return tokenizer.to_mlx_lm()  # our linear-time streaming detokenizer
+    return TokenizerWrapper(tokenizer)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:
+    if isinstance(prompt, str):
+        # Like mlx-lm: add BOS unless the text already starts with it.
+        add_bos = not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_bos)
+    ids = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.uint32)
+    if ids.size == 0:
+        raise GenerationError("the prompt has no tokens; give some text to continue")
+    return ids
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT,
+    prompt_cache: list[Any] | None = None,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate text token by token; the call shape of ``mlx_lm.stream_generate``.
+
+    Args:
+        model: an OpenELM model (``mlx_openelm.load``) or any mlx-lm model.
+        tokenizer: ``mlx_openelm.tokenizer.Tokenizer`` (or an mlx-lm tokenizer).
+        prompt: text (BOS is added unless present; no chat template, see ``build_prompt``) or
+            token ids, used as they are.
+        max_tokens: the most tokens to generate.
+        temp, top_p, top_k, min_p: sampling (``temp=0`` is greedy; mlx-lm's ``make_sampler``).
+        repetition_penalty, repetition_context_size: mlx-lm's repetition logits processor.
+        seed: seeds MLX's random generator first, for reproducible sampling.
+        stop: strings that end generation; the text stops before the first one, and text that
+            might be the start of one is held back until it is known not to be.
+        max_kv_size: keep at most this many tokens in a rotating KV cache.
+        kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache once it holds
+            ``quantized_kv_start`` tokens (0: from the start; mlx-lm's default of 5000 is never
+            reached in OpenELM's 2048-token context).
+        draft_model: a smaller model with the same vocabulary for speculative decoding;
+            greedy output is unchanged, ``response.from_draft`` marks accepted draft tokens.
+        num_draft_tokens: tokens the draft model proposes per step.
+        prompt_cache: a cache from ``make_cache`` to extend in place (multi-turn reuse); it then
+            holds the prompt and every generated token, EOS included.
+        prompt_progress_callback: ``(processed, total)`` during prefill (not with a draft model).
+
+    Yields:
+        ``mlx_lm.generate.GenerationResponse`` per generated token: ``text`` (the new piece, may
+        be empty), ``token``, ``from_draft``, running ``prompt_tokens``/``prompt_tps``,
+        ``generation_tokens``/``generation_tps``, ``peak_memory`` (GB) and, on the last one,
+        ``finish_reason``: ``"stop"`` (EOS or a stop string) or ``"length"``.
+
+    Raises:
+        GenerationError: an option out of range, an empty prompt or a mismatched draft model.
+    """
+    from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    validate_options(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        num_draft_tokens=num_draft_tokens,
+        stop=stop,
+    )
+    ids = _prompt_ids(tokenizer, prompt)
+    options: dict[str, Any] = {
+        "sampler": make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k),
+        "logits_processors": make_logits_processors(
+            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        ),
+        "prompt_cache": prompt_cache,
+        "kv_bits": kv_bits,
+        "kv_group_size": kv_group_size,
+        "quantized_kv_start": quantized_kv_start,
+    }
+    if draft_model is None:
+        options.update(max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback)
+    else:
+        check_draft_model(model, draft_model)
+        if max_kv_size is not None:
+            raise GenerationError(
+                "max_kv_size (--max-kv-size) cannot be combined with a draft model: speculative "
+                "decoding rewinds the cache, which a rotating cache cannot do; drop one of them"
+            )
+        options["num_draft_tokens"] = num_draft_tokens
+    if seed is not None:
+        mx.random.seed(seed)
+    yield from _with_stops(
+        mlx_lm_stream_generate(
+            model, _for_mlx_lm(tokenizer), ids, max_tokens, draft_model=draft_model, **options
+        ),
+        StopMatcher(stop or ()),
+    )
+
+
+def _with_stops(
+    responses: Iterator[GenerationResponse], matcher: StopMatcher
+) -> Iterator[GenerationResponse]:
+    try:
+        for r in responses:
+            text, stopped = matcher.push(r.text)
+            if stopped:
+                yield replace(r, text=text, finish_reason="stop")
+                return
+            if r.finish_reason is not None:
+                text += matcher.flush()
+            yield replace(r, text=text)
+    finally:
+        responses.close()  # promptly: a speculative generator rewinds its cache on close
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    **sampling: Any,
+) -> str:
+    """The whole generated text; same arguments as :func:`stream_generate`."""
+    return "".join(
+        r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **sampling)
+    )
+
+
+def load_for_generation(
+    model: str | Path,
+    adapter_path: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    draft_model: str | Path | None = None,
+) -> tuple[nn.Module, Any, nn.Module | None]:
+    """Load the model, its tokenizer and an optional draft model (folders or hub ids).
+
+    Returns:
+        ``(model, tokenizer, draft_model_or_None)``.
+
+    Raises:
+        ModelNotFoundError: a path or repo cannot be found, or a hub repo is not cached offline.
+        GenerationError: the draft model's vocabulary differs from the model's.
+    """
+    from .loading import load
+
+    with _hub_errors_as_not_found(model):
+        loaded, tok = load(model, adapter_path=adapter_path, tokenizer=tokenizer)
+    draft = None
+    if draft_model is not None:
+        with _hub_errors_as_not_found(draft_model):
+            draft, _ = load(draft_model, tokenizer=tokenizer)
+        check_draft_model(loaded, draft)
+    return loaded, tok, draft
+
+
+@contextlib.contextmanager
+def _hub_errors_as_not_found(name: str | Path) -> Iterator[None]:
+    """Hugging Face hub failures (offline, not cached, unknown repo) as one ModelNotFoundError.
+
+    The converter reports these itself where it can; this is the last line before the CLI, so a
+    user never sees a traceback for a repo that cannot be fetched.
+    """
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    try:
+        yield
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        from .loading import cache_root
+
+        raise ModelNotFoundError(
+            f"{str(name)!r} is not cached in {cache_root()} and cannot be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}); connect to the internet once (set HF_TOKEN "
+            "for gated repos) and rerun, or pass a local model folder with --model"
+        ) from e
+
+
+def format_stats(last: GenerationResponse, draft_tokens: int | None = None) -> str:
+    """One line of end-of-generation stats from the last response (and draft acceptance)."""
+    line = (
+        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+        f"generated: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+        f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}"
+    )
+    if draft_tokens is not None:
+        share = draft_tokens / max(last.generation_tokens, 1)
+        line += f" | draft accepted: {draft_tokens}/{last.generation_tokens} ({share:.0%})"
+    return line

@@ -1,0 +1,234 @@
+"""Generation: greedy parity with the float64 reference, speculative decoding, stop strings,
+prompts (chat template, raw, stdin), option checks, and the ``generate`` command end to end."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model_dir
+from typer.testing import CliRunner
+
+import mlx_openelm
+from mlx_openelm.cli import app
+from mlx_openelm.errors import GenerationError
+from mlx_openelm.generate import StopMatcher, build_prompt, stream_generate
+
+import openelm_ref
+
+runner = CliRunner()
+PROMPT = "hello world"
+STATS = re.compile(r"prompt: (\d+) tokens, .* generated: (\d+) tokens, .* finish: (\w+)")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_spm):
+    """Instruct, base and draft tiny models; seed 3 gives a varied greedy continuation."""
+    root = tmp_path_factory.mktemp("gen")
+    return {
+        "inst": make_model_dir(root / "inst", tiny_spm, seed=3),
+        "base": make_model_dir(root / "base", tiny_spm, seed=3, instruct=False),
+        "draft": make_model_dir(root / "draft", tiny_spm, seed=5, num_transformer_layers=2),
+        "bad_draft": make_model_dir(root / "bad", tiny_spm, seed=5, vocab_size=512),
+    }
+
+
+@pytest.fixture(scope="module")
+def inst(dirs):
+    return mlx_openelm.load(dirs["inst"])
+
+
+def reference_weights(folder) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+
+
+def cli(*args: str, input: str | None = None):
+    return runner.invoke(app, ["generate", *args], input=input)
+
+
+def test_greedy_matches_float64_reference(dirs, inst):
+    model, tok = inst
+    ids = build_prompt(tok, PROMPT)
+    tokens = [r.token for r in stream_generate(model, tok, ids, max_tokens=12)]
+    ref = openelm_ref.greedy(reference_weights(dirs["inst"]), ids, 12, head_dim=16)
+    assert tokens == ref
+    assert len(set(tokens)) > 2  # a continuation with some variety, not one repeated token
+
+
+def test_cli_prints_reference_text_and_stats(dirs, inst):
+    model, tok = inst
+    ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
+    ref = openelm_ref.greedy(reference_weights(dirs["inst"]), ids, 10, head_dim=16)
+    result = cli("--model", str(dirs["inst"]), "--prompt", PROMPT, "--max-tokens", "10")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == tok.decode(ref) + "\n"
+    stats = STATS.search(result.stderr)
+    assert stats and stats.groups() == (str(len(ids)), "10", "length")
+    assert "peak memory:" in result.stderr and "tok/s" in result.stderr
+
+
+def test_base_model_and_raw_get_bos_plus_text(dirs, inst):
+    _, tok = inst
+    raw_ids = tok.encode(PROMPT, add_bos=True)
+    assert build_prompt(tok, PROMPT, raw=True) == raw_ids
+    assert build_prompt(tok, PROMPT, system="be brief") == tok.encode_chat(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+    )
+    for args in (["--model", str(dirs["base"])], ["--model", str(dirs["inst"]), "--raw"]):
+        result = cli(*args, "--prompt", PROMPT, "--max-tokens", "3")
+        assert result.exit_code == 0, result.output
+        assert STATS.search(result.stderr).group(1) == str(len(raw_ids))
+
+
+def test_prompt_from_stdin(dirs):
+    piped = cli("--model", str(dirs["inst"]), "-p", "-", "-n", "6", input=PROMPT + "\n")
+    given = cli("--model", str(dirs["inst"]), "-p", PROMPT, "-n", "6")
+    assert piped.exit_code == given.exit_code == 0, piped.output
+    assert piped.stdout == given.stdout
+    assert STATS.search(piped.stderr).group(1) == STATS.search(given.stderr).group(1)
+
+
+def test_draft_model_keeps_greedy_output(dirs, inst):
+    model, tok = inst
+    draft, _ = mlx_openelm.load(dirs["draft"])
+    ids = build_prompt(tok, PROMPT)
+    plain = [r.token for r in stream_generate(model, tok, ids, 24)]
+    spec = list(stream_generate(model, tok, ids, 24, draft_model=draft, num_draft_tokens=3))
+    assert [r.token for r in spec] == plain
+    assert 0 < sum(r.from_draft for r in spec) < len(spec)
+    result = cli(
+        "-m", str(dirs["inst"]), "-p", PROMPT, "-n", "24", "--draft-model", str(dirs["draft"])
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == tok.decode(plain) + "\n"
+    assert re.search(r"draft accepted: \d+/24 \(\d+%\)", result.stderr)
+
+
+def test_stop_matcher_never_releases_part_of_a_stop_string():
+    text, stops = "say 'abc' then abab, then ab!", ["abc", "ab!"]
+    for pieces in (list(text), [text[:6], text[6:12], text[12:]]):
+        matcher, shown = StopMatcher(stops), ""
+        for piece in pieces:
+            out, stopped = matcher.push(piece)
+            shown += out
+            assert "say '".startswith(shown) or shown == "say '"
+            if stopped:
+                break
+        assert stopped and shown == "say '"
+    matcher = StopMatcher(["xyz"])
+    assert matcher.push("abx") == ("ab", False)
+    assert matcher.push("y") == ("", False)
+    assert matcher.flush() == "xy"  # generation ended: the held text was not a stop after all
+
+
+def test_stop_strings_in_generation(dirs, inst):
+    model, tok = inst
+    ids = build_prompt(tok, PROMPT)
+    full = "".join(r.text for r in stream_generate(model, tok, ids, 30))
+    stop = full[8:11]
+    expected = full[: full.find(stop)]
+    shown = ""
+    responses = list(stream_generate(model, tok, ids, 30, stop=["never there", stop]))
+    for r in responses:
+        shown += r.text
+        assert expected.startswith(shown)  # no piece of the stop string is ever released
+    assert shown == expected and responses[-1].finish_reason == "stop"
+    assert mlx_openelm.generate(model, tok, ids, 30, stop=[stop]) == expected
+    result = cli("-m", str(dirs["inst"]), "-p", PROMPT, "-n", "30", "--stop", stop)
+    assert result.exit_code == 0 and result.stdout == expected + "\n"
+    assert STATS.search(result.stderr).group(3) == "stop"
+
+
+def test_seeded_sampling_is_reproducible(inst):
+    model, tok = inst
+    ids = build_prompt(tok, PROMPT)
+    runs = [mlx_openelm.generate(model, tok, ids, 16, temp=3.0, top_k=50, seed=11) for _ in "ab"]
+    assert runs[0] == runs[1]
+
+
+def test_text_prompt_and_cache_options(inst):
+    model, tok = inst
+    ids = tok.encode(PROMPT)
+    plain = mlx_openelm.generate(model, tok, ids, 10)
+    assert mlx_openelm.generate(model, tok, PROMPT, 10) == plain  # str prompt: BOS added once
+    assert mlx_openelm.generate(model, tok, ids, 10, max_kv_size=64) == plain  # never rotates
+    responses = list(stream_generate(model, tok, ids, 10, repetition_penalty=1.3))
+    assert len(responses) == 10 and responses[-1].finish_reason == "length"
+
+
+def test_quantized_kv_cache(tiny_spm, tmp_path):
+    # KV quantization groups run along head_dim, so this model has head_dim 32 (OpenELM: 64).
+    folder = make_model_dir(tmp_path / "m", tiny_spm, model_dim=128, head_dim=32, seed=3)
+    model, tok = mlx_openelm.load(folder)
+    ids = build_prompt(tok, PROMPT)
+    plain = [r.token for r in stream_generate(model, tok, ids, 8)]
+    quant = [r.token for r in stream_generate(model, tok, ids, 8, kv_bits=8, kv_group_size=32)]
+    assert len(quant) == 8 and quant[:2] == plain[:2]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"top_p": 1.5}, "top_p (--top-p) must be in (0, 1]"),
+        ({"top_p": 0.0}, "top_p (--top-p) must be in (0, 1]"),
+        ({"temp": -0.1}, "temp (--temp) must be >= 0"),
+        ({"max_tokens": 0}, "max_tokens (--max-tokens) must be a positive integer"),
+        ({"kv_bits": 7}, "kv_bits (--kv-bits) must be one of"),
+        ({"stop": [""]}, "stop strings (--stop) must be non-empty"),
+    ],
+)
+def test_bad_options_raise(inst, option, message):
+    model, tok = inst
+    with pytest.raises(GenerationError, match=re.escape(message)):
+        list(stream_generate(model, tok, [1, 5], **{"max_tokens": 4, **option}))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--top-p", "1.5"], "--top-p"),
+        (["--temp", "-1"], "--temp"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--kv-bits", "7"], "--kv-bits"),
+    ],
+)
+def test_cli_bad_sampling_values(dirs, args, fragment):
+    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
+
+
+def test_cli_bad_models(dirs, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(cli("-m", str(missing), "-p", "hi"), "not found")
+    assert_one_line_error(cli("-m", str(tmp_path), "-p", "hi"), "no config.json")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert_one_line_error(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
+    bad = cli("-m", str(dirs["inst"]), "-p", "hi", "--draft-model", str(dirs["bad_draft"]))
+    assert_one_line_error(bad, "512-token vocabulary", "400")
+    assert_one_line_error(cli("-m", str(dirs["inst"])), "--prompt")
+    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
+
+
+def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("MLX_OPENELM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    result = cli("-m", "apple/OpenELM-270M-Instruct", "-p", "hi")
+    assert_one_line_error(result, "apple/OpenELM-270M-Instruct", "cache")
+    assert not (tmp_path / "home" / "models" / "apple--OpenELM-270M-Instruct").exists()
