@@ -173,6 +173,19 @@ def _sampling(max_tokens: int, **options: object) -> dict[str, object]:
     return options
 
 
+def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
+    """One dim line per phase when a hub model is converted on first use."""
+    phases: set[str] = set()
+
+    def report(progress) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+        if progress.phase not in phases:
+            phases.add(progress.phase)
+            what = "hashing the download" if progress.phase == "hash" else "converting it"
+            err.print(f"First use of {model}: {what} (once; cached for later runs)", style="dim")
+
+    return report
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)  # not rich: model text must not be read as markup
     sys.stdout.flush()
@@ -213,7 +226,9 @@ def generate(
     text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
-    m, tok, draft = load_for_generation(model, adapter, tokenizer, draft_model)
+    m, tok, draft = load_for_generation(
+        model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
+    )
     ids = build_prompt(tok, text, system, raw)
     last, drafted = None, 0
     for r in stream(m, tok, ids, max_tokens, draft_model=draft, **sampling):
@@ -276,7 +291,9 @@ def chat(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
         seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
     )  # fmt: skip
-    m, tok, draft = load_for_generation(model, adapter, tokenizer, draft_model)
+    m, tok, draft = load_for_generation(
+        model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
+    )
     session = ChatSession(
         m, tok, system=system, max_tokens=max_tokens, draft_model=draft, **sampling
     )

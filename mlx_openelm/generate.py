@@ -356,8 +356,13 @@ def load_for_generation(
     adapter_path: str | Path | None = None,
     tokenizer: str | Path | None = None,
     draft_model: str | Path | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> tuple[nn.Module, Any, nn.Module | None]:
     """Load the model, its tokenizer and an optional draft model (folders or hub ids).
+
+    Args:
+        on_progress: given to the converter when a hub id is converted on first use (it reports
+            ``mlx_openelm.convert.ConvertProgress``).
 
     Returns:
         ``(model, tokenizer, draft_model_or_None)``.
@@ -366,14 +371,16 @@ def load_for_generation(
         ModelNotFoundError: a path or repo cannot be found, or a hub repo is not cached offline.
         GenerationError: the draft model's vocabulary differs from the model's.
     """
-    from .loading import load
+    from .loading import load, resolve_model_path
 
-    with _hub_errors_as_not_found(model):
-        loaded, tok = load(model, adapter_path=adapter_path, tokenizer=tokenizer)
+    def folder(name: str | Path) -> Path:
+        with _hub_errors_as_not_found(name):
+            return resolve_model_path(name, on_progress=on_progress)
+
+    loaded, tok = load(folder(model), adapter_path=adapter_path, tokenizer=tokenizer)
     draft = None
     if draft_model is not None:
-        with _hub_errors_as_not_found(draft_model):
-            draft, _ = load(draft_model, tokenizer=tokenizer)
+        draft, _ = load(folder(draft_model), tokenizer=tokenizer)
         check_draft_model(loaded, draft)
     return loaded, tok, draft
 

@@ -232,3 +232,27 @@ def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
     result = cli("-m", "apple/OpenELM-270M-Instruct", "-p", "hi")
     assert_one_line_error(result, "apple/OpenELM-270M-Instruct", "cache")
     assert not (tmp_path / "home" / "models" / "apple--OpenELM-270M-Instruct").exists()
+
+
+def test_hub_id_is_converted_once_then_reused(dirs, tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import mlx_openelm.convert
+
+    calls = []
+
+    def fake_convert(repo_id, output, on_progress=None, **options):  # a download + conversion
+        calls.append(repo_id)
+        on_progress(SimpleNamespace(phase="convert", bytes_done=0, bytes_total=1))
+        shutil.copytree(dirs["inst"], output)
+
+    monkeypatch.setenv("MLX_OPENELM_HOME", str(tmp_path))
+    monkeypatch.setattr(mlx_openelm.convert, "convert", fake_convert)
+    first = cli("-m", "apple/OpenELM-Tiny-Instruct", "-p", PROMPT, "-n", "4")
+    again = cli("-m", "apple/OpenELM-Tiny-Instruct", "-p", PROMPT, "-n", "4")
+    assert first.exit_code == again.exit_code == 0, first.output
+    assert calls == ["apple/OpenELM-Tiny-Instruct"]
+    assert "First use of apple/OpenELM-Tiny-Instruct: converting it" in first.stderr
+    assert "First use" not in again.stderr and first.stdout == again.stdout
+    assert (tmp_path / "models" / "apple--OpenELM-Tiny-Instruct" / "config.json").is_file()
