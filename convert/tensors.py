@@ -2,10 +2,10 @@
 
 Every source format ends up as a mapping ``name -> TensorRef``: something with a ``shape``, a
 ``dtype`` name, ``nbytes`` and ``to_mlx(dtype)``, which reads *that one tensor* from disk when
-called. Safetensors files are read here with plain ``seek`` + ``readinto`` (no whole-file memory
-map, whose touched pages would count towards the process's resident memory until unmapped);
-PyTorch zip files go through :mod:`.torch_reader`. Two wrappers build on any ``TensorRef``:
-:class:`RowSlice` (keep the first rows) and :class:`AveragedTensor` (uniform mean of several).
+called. Safetensors headers are checked here against the file size (so a truncated download is
+named as such), then each tensor is read on its own through MLX's lazy loader; PyTorch zip files
+go through :mod:`.torch_reader`. Two wrappers build on any ``TensorRef``: :class:`RowSlice` (keep
+the first rows) and :class:`AveragedTensor` (uniform mean of several).
 """
 
 from __future__ import annotations
@@ -47,35 +47,32 @@ class TensorRef(Protocol):
 
 
 class SafetensorsTensor:
-    """One tensor of a safetensors file: ``nbytes`` bytes at absolute offset ``start``."""
+    """One tensor of a safetensors file whose header :func:`open_safetensors` has checked."""
 
-    __slots__ = ("path", "start", "shape", "dtype", "_np_dtype")
+    __slots__ = ("path", "name", "start", "shape", "dtype", "_itemsize")
 
-    def __init__(self, path: Path, start: int, shape: tuple[int, ...], tag: str) -> None:
-        self.path, self.start, self.shape = path, start, shape
-        self.dtype, self._np_dtype = _ST_DTYPES[tag]
+    def __init__(self, path: Path, name: str, start: int, shape: tuple[int, ...], tag: str) -> None:
+        self.path, self.name, self.start, self.shape = path, name, start, shape
+        self.dtype = _ST_DTYPES[tag][0]
+        self._itemsize = np.dtype(_ST_DTYPES[tag][1]).itemsize
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self._np_dtype).itemsize
+        return math.prod(self.shape) * self._itemsize
 
     def __repr__(self) -> str:
-        return f"SafetensorsTensor({self.path.name}, shape={self.shape}, dtype={self.dtype})"
+        return f"SafetensorsTensor({self.path.name}:{self.name}, {self.shape}, {self.dtype})"
 
     def to_mlx(self, dtype: mx.Dtype | None = None) -> mx.array:
-        buf = np.empty(self.nbytes, dtype=np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            got = f.readinto(memoryview(buf))
-        if got != self.nbytes:
+        # mx.load is lazy: evaluating one entry reads just that tensor's bytes, once, straight
+        # into MLX memory (bfloat16 included); the other entries are never read.
+        try:
+            array = mx.load(str(self.path))[self.name]
+        except (RuntimeError, ValueError, KeyError) as e:
             raise WeightsError(
-                f"{self.path}: file ended while reading a tensor (got {got} of {self.nbytes} "
-                "bytes); the file is truncated, download or save it again"
-            )
-        array = mx.array(buf.view(self._np_dtype).reshape(self.shape))
-        del buf
-        if self.dtype == "bfloat16":
-            array = array.view(mx.bfloat16)
+                f"cannot read tensor {self.name} from {self.path} ({e}); the file changed or is "
+                "damaged, download or save it again"
+            ) from e
         return array if dtype is None or array.dtype == dtype else array.astype(dtype)
 
 
@@ -100,7 +97,7 @@ def open_safetensors(path: Path) -> dict[str, SafetensorsTensor]:
             if tag not in _ST_DTYPES:
                 problems.append(f"{name} has unsupported dtype {tag}")
                 continue
-            ref = SafetensorsTensor(path, data_start + int(begin), shape, tag)
+            ref = SafetensorsTensor(path, name, data_start + int(begin), shape, tag)
             span, need = int(end) - int(begin), ref.nbytes
         except (KeyError, TypeError, ValueError):
             problems.append(f"{name} has a malformed header entry {entry!r}")
