@@ -2,8 +2,9 @@
 
 Every source format runs on a 2-layer cut of the 270M shape (same widths, layer-wise scaling
 over 2 layers); sharded variants, which only change how files are split, run in the tiny shape
-(``test_convert.py``) to keep the suite fast. The full 16-layer 270M shape (about 1.1 GB of float32) is one opt-in test: on a
-2-core box it takes most of a minute, mostly generating and writing the random checkpoint.
+(``test_convert.py``) to keep the suite fast. The full 16-layer 270M shape (about 1.1 GB of
+float32) is one opt-in test: on a 2-core box it takes most of a minute, mostly generating and
+writing the random checkpoint.
 """
 
 from __future__ import annotations
