@@ -138,6 +138,168 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
 
 # === convert (converter issue) ===
 
+
+class SourceFormat(str, Enum):
+    hf = "hf"
+    corenet = "corenet"
+
+
+class CoreNetSize(str, Enum):
+    s270M = "270M"
+    s450M = "450M"
+    s1_1B = "1_1B"
+    s3B = "3B"
+
+
+class Bits(str, Enum):
+    b2 = "2"
+    b3 = "3"
+    b4 = "4"
+    b6 = "6"
+    b8 = "8"
+
+
+class GroupSize(str, Enum):
+    g32 = "32"
+    g64 = "64"
+    g128 = "128"
+
+
+class MixedPreset(str, Enum):
+    mixed_2_6 = "mixed_2_6"
+    mixed_3_4 = "mixed_3_4"
+    mixed_3_6 = "mixed_3_6"
+    mixed_4_6 = "mixed_4_6"
+
+
+class ChatTemplate(str, Enum):
+    auto = "auto"
+    zephyr = "zephyr"
+    none = "none"
+
+
+_MIXED_HELP = (
+    "Mixed-precision preset mixed_L_H (implies -q): H bits for the tied embedding / output head "
+    "and for qkv_proj and proj_2 in the first and last eighth of the layers and every third layer "
+    "between; L bits elsewhere."
+)
+
+
+def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
+    tasks: dict[str, int] = {}
+    labels = {"hash": "hashing sources", "convert": "converting"}
+
+    def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+        if p.phase not in tasks:
+            label = labels.get(p.phase, p.phase)
+            tasks[p.phase] = progress.add_task(label, total=p.bytes_total, count="")
+        label = "files" if p.phase == "hash" else "tensors"
+        progress.update(
+            tasks[p.phase],
+            completed=p.bytes_done,
+            count=f"{p.tensors_done}/{p.tensors_total} {label}",
+        )
+
+    return report
+
+
+def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert.ConvertResult
+    quant = ""
+    if result.quantization:
+        q = result.quantization
+        mixed = any(isinstance(v, dict) for v in q.values())
+        kind = f"mixed {q['bits']}-bit+" if mixed else f"{q['bits']}-bit"
+        quant = f", {kind} g{q['group_size']} ({result.bits_per_weight:.2f} bits/weight)"
+    lines = [
+        f"Wrote {result.path}: {result.parameters / 1e6:.1f}M parameters, "
+        f"{result.size_bytes / 1e6:.1f} MB on disk, {result.seconds:.1f} s ({result.dtype}{quant})"
+    ]
+    if result.quality is not None:
+        r = result.quality
+        change = (r.ppl_quantized / r.ppl_reference - 1) * 100
+        lines.append(
+            f"Quantization cost on a {r.tokens}-token probe: KL {r.kl_mean:.4f} nats/token "
+            f"(max {r.kl_max:.3f}), perplexity {r.ppl_reference:.3g} -> {r.ppl_quantized:.3g} "
+            f"({change:+.1f}%), top-1 agreement {r.top1_agreement:.1%}"
+        )
+    return lines
+
+
+@app.command()
+def convert(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Hub repo id, HF folder or CoreNet .pt (several with --average)."),
+    ],
+    output: Annotated[Path, typer.Argument(help="MLX model folder to create.")],
+    source_format: Annotated[
+        SourceFormat | None, typer.Option("--from", help="Source format; default: detect.")
+    ] = None,
+    config_yaml: Annotated[
+        Path | None, typer.Option("--config-yaml", help="CoreNet training YAML of the .pt.")
+    ] = None,
+    size: Annotated[
+        CoreNetSize | None, typer.Option("--size", help="CoreNet model size (no YAML).")
+    ] = None,
+    average: Annotated[
+        bool, typer.Option("--average", help="Average the SOURCES (uniform mean in float32).")
+    ] = False,
+    dtype: DTypeOpt = None,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize weights.")] = False,
+    bits: Annotated[Bits, typer.Option("--bits", help="Bits per quantized weight.")] = Bits.b4,
+    group_size: Annotated[
+        GroupSize, typer.Option("--group-size", help="Weights per quantization scale.")
+    ] = GroupSize.g64,
+    mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: Annotated[
+        ChatTemplate, typer.Option("--chat-template", help="auto: Zephyr for -Instruct models.")
+    ] = ChatTemplate.auto,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a checkpoint (hub repo, HF folder, CoreNet .pt) into an MLX model folder.
+
+    Default dtype float16 (bfloat16 for 3B). OUTPUT appears only when everything succeeded.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mlx_openelm.convert import convert as convert_checkpoint
+    from mlx_openelm.errors import ConfigError
+
+    if len(sources) > 1 and not average:
+        raise ConfigError(f"{len(sources)} sources given; pass --average to average them")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    extra = (TextColumn("{task.fields[count]}"), TimeElapsedColumn())
+    with Progress(*columns, *extra, console=err, transient=True) as progress:
+        result = convert_checkpoint(
+            sources if average else sources[0],
+            output,
+            source_format=source_format.value if source_format else None,
+            config_yaml=config_yaml,
+            size=size.value if size else None,
+            dtype=dtype.value if dtype else None,
+            quantize=quantize,
+            bits=int(bits.value),
+            group_size=int(group_size.value),
+            mixed=mixed.value if mixed else None,
+            tokenizer=tokenizer,
+            chat_template=chat_template.value,
+            force=force,
+            revision=revision,
+            on_progress=_progress_reporter(progress),
+        )
+    if as_json:
+        import dataclasses
+        import json
+
+        out.print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+        return
+    for line in _convert_summary(result):
+        out.print(line)
+
+
 # === generate / chat (generation issue) ===
 PromptOpt = Annotated[
     str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
@@ -306,6 +468,262 @@ def chat(
 
 # === lora / fuse / peft (LoRA issue) ===
 
+from mlx_openelm.lora.config import AdapterSpec, TrainConfig  # noqa: E402 (no MLX import)
+
+_SPEC, _TRAIN = AdapterSpec(), TrainConfig()  # the one place the fine-tuning defaults live
+
+
+class FineTuneType(str, Enum):
+    lora = "lora"
+    dora = "dora"
+    full = "full"
+
+
+class LRSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+
+
+def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> training callback
+    from mlx_openelm.lora import DataReport, EvalReport, SaveReport, StartReport, StepReport
+
+    task: list[int] = []
+
+    def report(event: object) -> None:
+        if isinstance(event, DataReport):
+            for split, s in event.splits.items():
+                progress.console.print(
+                    f"{split:<5} {s['examples']} examples ({s['format']}), {s['tokens']} tokens, "
+                    f"{s['trained_tokens']} trained; {s['truncated']} truncated, "
+                    f"{s['dropped']} dropped"
+                )
+        elif isinstance(event, StartReport):
+            progress.console.print(
+                f"{event.trainable_parameters / 1e6:.3f}M trainable parameters, "
+                f"{event.steps_per_epoch} steps per epoch, {event.world_size} process(es)"
+            )
+            task.append(
+                progress.add_task(
+                    "train", total=event.total_steps, completed=event.start_step, stats=""
+                )
+            )
+        elif isinstance(event, StepReport):
+            stats = (
+                f"loss {event.loss:.3f}  lr {event.learning_rate:.2e}  "
+                f"{event.tokens_per_second:,.0f} tok/s  {event.peak_memory_gb:.2f} GB peak"
+            )
+            progress.update(task[0], completed=event.step, stats=stats)
+        elif isinstance(event, EvalReport):
+            star = " (best)" if event.best else ""
+            progress.console.print(
+                f"step {event.step}: {event.split} loss {event.loss:.4f}, "
+                f"ppl {event.perplexity:.2f}{star}"
+            )
+        elif isinstance(event, SaveReport) and event.kind != "final":
+            progress.console.print(f"step {event.step}: saved {event.kind} → {event.path}")
+
+    return report
+
+
+@app.command()
+def lora(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder: train.jsonl (+ valid.jsonl, test.jsonl).")
+    ] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="Training JSONL file.")] = None,
+    valid: Annotated[Path | None, typer.Option("--valid", help="Validation JSONL file.")] = None,
+    adapter_path: Annotated[
+        Path, typer.Option("--adapter-path", "-o", help="Output adapter folder.")
+    ] = Path("adapters"),
+    fine_tune_type: Annotated[FineTuneType, typer.Option("--fine-tune-type")] = FineTuneType(
+        _SPEC.fine_tune_type
+    ),
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = _SPEC.rank,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="LoRA alpha; the update is scaled by alpha/rank.")
+    ] = _SPEC.alpha,
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="LoRA input dropout.")
+    ] = _SPEC.dropout,
+    targets: Annotated[
+        str, typer.Option("--targets", help="Comma-separated linear layers to adapt.")
+    ] = ",".join(_SPEC.targets),
+    num_layers: Annotated[
+        int, typer.Option("--num-layers", help="Adapt the last N layers; -1 = all.")
+    ] = _SPEC.num_layers,
+    iters: Annotated[
+        int | None, typer.Option("--iters", help="Optimizer steps (1000 unless --epochs).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Sequences per step (packed rows).")
+    ] = _TRAIN.batch_size,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Batches per step.")
+    ] = _TRAIN.grad_accum,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr")] = _TRAIN.learning_rate,
+    lr_schedule: Annotated[LRSchedule, typer.Option("--lr-schedule")] = LRSchedule(
+        _TRAIN.lr_schedule
+    ),
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear warmup steps.")] = _TRAIN.warmup,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName(
+        _TRAIN.optimizer
+    ),
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = _TRAIN.weight_decay,
+    grad_clip: Annotated[
+        float | None, typer.Option("--grad-clip", help="Clip the gradient norm.")
+    ] = None,
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory.")
+    ] = False,
+    seed: SeedOpt = None,
+    max_seq_len: Annotated[
+        int, typer.Option("--max-seq-len", help="Truncate examples; packed row length.")
+    ] = _TRAIN.max_seq_len,
+    pack: Annotated[
+        bool | None,
+        typer.Option("--pack/--no-pack", help="Pack examples into rows (default: on for text)."),
+    ] = None,
+    mask_prompt: Annotated[
+        bool, typer.Option("--mask-prompt", help="Train on completions / assistant turns only.")
+    ] = False,
+    val_every: Annotated[
+        int, typer.Option("--val-every", help="Validate every N steps.")
+    ] = _TRAIN.val_every,
+    val_batches: Annotated[
+        int, typer.Option("--val-batches", help="Validation batches; -1 = all.")
+    ] = _TRAIN.val_batches,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Checkpoint every N steps.")
+    ] = _TRAIN.save_every,
+    keep_best: Annotated[
+        bool, typer.Option("--keep-best", help="Keep the lowest-validation-loss adapters.")
+    ] = False,
+    early_stop: Annotated[
+        int | None, typer.Option("--early-stop", help="Stop after N validations w/o gain.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from ADAPTER_PATH/checkpoint.")
+    ] = False,
+    test: Annotated[bool, typer.Option("--test", help="Evaluate test.jsonl at the end.")] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Write loss.png at the end.")] = False,
+    tokenizer: TokenizerOpt = None,
+    force: ForceOpt = False,
+    fast_blas: FastBlasOpt = False,
+) -> None:
+    """LoRA / DoRA / full fine-tuning on JSONL data (text, prompt/completion or chat messages).
+
+    Writes ADAPTER_PATH/adapters.safetensors + adapter_config.json (mlx-lm's layout, so
+    `mlx_lm.generate --adapter-path` takes it too), metrics.jsonl and checkpoint/.
+    Data-parallel: `mlx.launch -n 2 -- mlx-openelm lora ...`.
+    """
+    _fast_blas(fast_blas)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from mlx_openelm.lora import finetune
+
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    spec = AdapterSpec(fine_tune_type.value, rank, alpha, dropout, names, num_layers)
+    config = TrainConfig(
+        iters, epochs, batch_size, grad_accum, learning_rate, lr_schedule.value, warmup,
+        optimizer.value, weight_decay, grad_clip, grad_checkpoint,
+        _TRAIN.seed if seed is None else seed, max_seq_len, pack,
+        val_every, val_batches, save_every, keep_best, early_stop,
+    )  # fmt: skip
+    columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), "{task.fields[stats]}")  # fmt: skip
+    with Progress(*columns, console=err) as progress:
+        result = finetune(
+            model, adapter_path, data=data, train_file=train, valid_file=valid, spec=spec,
+            config=config, mask_prompt=mask_prompt, test=test, plot=plot, tokenizer=tokenizer,
+            resume=resume, force=force, callback=_lora_reporter(progress),
+        )  # fmt: skip
+    best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
+    out.print(
+        f"Trained {result.steps} steps ({result.tokens_per_second:,.0f} tok/s, "
+        f"{result.peak_memory_gb:.2f} GB peak){best if result.best_step is not None else ''}"
+        f"; adapters in {result.adapter_path}"
+    )
+    if "plot" in result.extra:
+        out.print(f"Loss curve: {result.extra['plot']}")
+
+
+@app.command()
+def fuse(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[Path, typer.Option("--adapter", help="Adapter folder to merge.")] = Path(
+        "adapters"
+    ),
+    output: Annotated[Path, typer.Option("--output", "-o", help="New model folder.")] = Path(
+        "fused_model"
+    ),
+    dequantize: Annotated[
+        bool, typer.Option("--dequantize", help="Write float weights (exact merge).")
+    ] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Merge adapters into the base weights: a plain model folder (no adapter needed)."""
+    from mlx_openelm.lora import fuse as fuse_adapters
+
+    result = fuse_adapters(model, adapter, output, dequantize=dequantize, force=force)
+    if result.warning:
+        err.print(f"[yellow]Warning:[/] {result.warning}")
+    out.print(
+        f"Fused {result.fused_layers} {result.fine_tune_type} layer(s) into {result.path} "
+        f"({result.total_size / 1e6:.1f} MB{', quantized' if result.quantized else ''})"
+    )
+
+
+@app.command("export-peft")
+def export_peft(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (mlx-lm layout).")],
+    output: Annotated[Path, typer.Argument(help="PEFT folder to write.")],
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="base_model_name_or_path to record.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Convert LoRA/DoRA adapters to Hugging Face PEFT format."""
+    from mlx_openelm.lora import export_peft as export
+
+    out.print(f"Wrote PEFT adapters to {export(adapter, output, base_model, force=force)}")
+
+
+@app.command("import-peft")
+def import_peft(
+    peft: Annotated[Path, typer.Argument(help="PEFT LoRA folder (adapter_model.safetensors).")],
+    output: Annotated[Path, typer.Argument(help="Adapter folder to write (mlx-lm layout).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    force: ForceOpt = False,
+) -> None:
+    """Convert Hugging Face PEFT LoRA adapters for MODEL into an mlx-lm adapter folder."""
+    from mlx_openelm.lora import import_peft as do_import
+
+    out.print(f"Wrote adapters to {do_import(peft, model, output, force=force)}")
+
+
+@app.command("plot")
+def plot_cmd(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (or its metrics.jsonl).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG file (default ADAPTER/loss.png).")
+    ] = None,
+) -> None:
+    """Draw the train / validation loss curve of a run as a PNG."""
+    from mlx_openelm.lora import plot_metrics
+
+    folder = adapter if adapter.is_dir() else adapter.parent
+    out.print(f"Wrote {plot_metrics(adapter, output or folder / 'loss.png')}")
+
+
 # === eval / bench / doctor (evaluation issue) ===
 eval_app = typer.Typer(
     cls=TyperGroup,
@@ -458,6 +876,61 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
 
 
 # === serve (server issue) ===
+from mlx_openelm.server_schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServerSettings,
+)
+
+_SERVE = ServerSettings()  # the one place the server's defaults live
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = DEFAULT_PORT,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="MLX_OPENELM_API_KEY",
+            help="Require 'Authorization: Bearer KEY' (all routes but /health).",
+        ),
+    ] = None,
+    max_tokens: MaxTokensOpt = _SERVE.max_tokens,
+    temp: TempOpt = _SERVE.temp,
+    top_p: TopPOpt = _SERVE.top_p,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
+    ] = _SERVE.max_queue,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) locally.
+
+    --max-tokens, --temp and --top-p apply to requests that do not set them.
+    """
+    import logging
+
+    settings = ServerSettings(
+        api_key=api_key, max_tokens=max_tokens, temp=temp, top_p=top_p, max_queue=max_queue
+    )
+    settings.check()  # before anything loads
+    from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
+
+    def ready(url: str, model_id: str) -> None:
+        err.print(f"Serving [bold]{model_id}[/] at [bold]{url}[/]  (Ctrl-C stops)")
+        if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(f"[yellow]Warning:[/] {host} is reachable from other machines; add --api-key")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run_server(
+        model, adapter_path=adapter, tokenizer=tokenizer, host=host, port=port,
+        settings=settings, on_ready=ready,
+    )  # fmt: skip
 
 
 def main() -> None:
