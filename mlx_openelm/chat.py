@@ -245,7 +245,8 @@ class ChatSession:
         return n
 
     def _forget_cache(self) -> None:
-        self._cache = make_cache(self.model, self.draft_model, self.max_kv_size)
+        kv = {k: v for k, v in self.sampling.items() if k in ("kv_bits", "kv_group_size")}
+        self._cache = make_cache(self.model, self.draft_model, self.max_kv_size, **kv)
         self._ids, self._text, self._in_cache = [], None, 0
 
     def _generate(self, turn: Turn) -> Iterator[GenerationResponse]:

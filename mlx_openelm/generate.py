@@ -102,6 +102,11 @@ def validate_options(
     for ok, name, value, valid in checks:
         if not ok:
             raise GenerationError(f"{name} must be {valid}, got {value!r}")
+    if kv_bits is not None and max_kv_size is not None:
+        raise GenerationError(
+            "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
+            "cannot quantize a rotating cache; drop one of them"
+        )
     for s in stop or ():
         if not isinstance(s, str) or not s:
             raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
@@ -128,19 +133,26 @@ def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
 
 
 def make_cache(
-    model: nn.Module, draft_model: nn.Module | None = None, max_kv_size: int | None = None
+    model: nn.Module,
+    draft_model: nn.Module | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> list[Any]:
     """A fresh prompt cache for ``model`` (then ``draft_model``'s layers, as mlx-lm expects).
 
-    ``max_kv_size`` gives a rotating cache that keeps the newest tokens (not with a draft model,
-    whose cache must be trimmable).
+    ``max_kv_size`` gives a rotating cache that keeps the newest tokens; ``kv_bits`` a cache
+    quantized from the first token (built quantized, so that mlx-lm never has to swap list
+    entries, which a speculative run would do on a copy of the list).
     """
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
-    cache = make_prompt_cache(model, max_kv_size=max_kv_size)
-    if draft_model is not None:
-        cache += make_prompt_cache(draft_model)
-    return cache
+    def one(m: nn.Module) -> list[Any]:
+        if kv_bits is not None:
+            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in m.layers]
+        return make_prompt_cache(m, max_kv_size=max_kv_size)
+
+    return one(model) + (one(draft_model) if draft_model is not None else [])
 
 
 def build_prompt(

@@ -317,3 +317,15 @@ def test_commands_and_bad_input(dirs):
     assert "Traceback" not in base.output and len(base.stderr.strip().splitlines()) == 1
     bad = chat_cli(dirs["inst"], "hi\n", "--top-p", "0")
     assert bad.exit_code == 1 and "top_p (--top-p) must be in (0, 1]" in bad.stderr
+
+
+def test_quantized_kv_cache_across_turns(tiny_spm, tmp_path):
+    # KV quantization groups run along head_dim, so this model has head_dim 32 (OpenELM: 64).
+    folder = make_model_dir(tmp_path / "m", tiny_spm, model_dim=128, head_dim=32, seed=3)
+    model, tok = mlx_openelm.load(folder)
+    session = ChatSession(model, tok, max_tokens=N, kv_bits=8, kv_group_size=32)
+    for text in ("hi", "hello again"):
+        assert "".join(r.text for r in session.send(text))
+    first, second = session.turns
+    assert second.prefilled_tokens == second.prompt_tokens - first.prompt_tokens - N
+    assert type(session._cache[0]).__name__ == "QuantizedKVCache"
