@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -210,14 +211,23 @@ class StopMatcher:
         return 0
 
 
+_WRAPPERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def _for_mlx_lm(tokenizer: Any) -> Any:
+    """The tokenizer as mlx-lm wants it, built once per tokenizer (building one takes ~70 ms:
+    mlx-lm scans the vocabulary); mlx-lm resets its detokenizer at the start of every run."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     if isinstance(tokenizer, TokenizerWrapper):
         return tokenizer
-    if hasattr(tokenizer, "to_mlx_lm"):
-        return tokenizer.to_mlx_lm()  # our linear-time streaming detokenizer
-    return TokenizerWrapper(tokenizer)
+    wrapper = _WRAPPERS.get(tokenizer)
+    if wrapper is None:
+        # ours: the linear-time streaming detokenizer; others: mlx-lm's default one
+        make = getattr(tokenizer, "to_mlx_lm", None)
+        wrapper = make() if make is not None else TokenizerWrapper(tokenizer)
+        _WRAPPERS[tokenizer] = wrapper
+    return wrapper
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> mx.array:
