@@ -47,3 +47,7 @@ class OutputExistsError(OpenELMError):
 class GenerationError(OpenELMError):
     """Generation options are invalid (a sampling value out of range, a draft model that does
     not match, an empty prompt or one longer than the context)."""
+
+
+class ServeError(OpenELMError):
+    """The server cannot start: its optional dependencies are missing or the address is taken."""

@@ -1,0 +1,288 @@
+"""OpenAI's request shapes for the server: parse and check; errors in OpenAI's shape.
+
+Pure functions with no HTTP in them (responses are built in :mod:`mlx_openelm.server_format`).
+Requests are checked field by field and a bad value raises :class:`APIError` naming the field,
+the value and what would be valid; fields this server does not know are ignored, as OpenAI's own
+API ignores what it does not need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["APIError", "CompletionRequest", "ServerSettings", "invalid", "parse_request"]
+
+# The server's defaults, in one place (the CLI reads them; this module imports no MLX).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_SERVE_MAX_TOKENS = 512
+DEFAULT_MAX_QUEUE = 8
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """A request the server refuses, in OpenAI's error shape (``{"error": {...}}``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status,
+            message,
+            param,
+            code,
+            kind,
+        )
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.kind, "param": self.param}
+        return {"error": {**error, "code": self.code}}
+
+
+def invalid(param: str, message: str) -> APIError:
+    """A 400 for one field: ``"`temperature` must be >= 0, got -1"``."""
+    return APIError(400, f"`{param}` {message}", param=param)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server options; ``max_tokens``, ``temp`` and ``top_p`` fill in fields a request omits.
+
+    ``temp`` and ``top_p`` default to :mod:`mlx_openelm.generate`'s defaults (greedy, no nucleus).
+    """
+
+    api_key: str | None = None
+    max_tokens: int = DEFAULT_SERVE_MAX_TOKENS
+    temp: float = 0.0
+    top_p: float = 1.0
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+    def check(self) -> None:
+        """Raises GenerationError or ServeError for a value out of range."""
+        from .errors import ServeError
+        from .generate import validate_options
+
+        validate_options(max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p)
+        if self.max_queue < 0:
+            raise ServeError(f"--max-queue must be >= 0 (0 = no waiting), got {self.max_queue}")
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One checked request to ``/v1/chat/completions`` (``chat``) or ``/v1/completions``.
+
+    ``sampling`` holds keyword options for :func:`mlx_openelm.generate.stream_generate`;
+    ``top_logprobs`` is None without logprobs, else how many alternatives to list per token.
+    """
+
+    chat: bool
+    messages: list[dict[str, str]] | None
+    prompt: str | list[int] | None
+    max_tokens: int | None
+    sampling: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None
+
+
+def parse_request(
+    body: Mapping[str, Any], *, chat: bool, temp: float, top_p: float
+) -> CompletionRequest:
+    """Check a request body; ``temp`` and ``top_p`` are the server's defaults for omitted fields.
+
+    Raises:
+        APIError: 400 naming the first bad field.
+    """
+    for name in ("n", "best_of"):
+        _integer(body, name, minimum=1, maximum=1)
+    if chat:
+        max_tokens = _integer(body, "max_completion_tokens", minimum=1)
+        if max_tokens is None:
+            max_tokens = _integer(body, "max_tokens", minimum=1)
+        top_logprobs = None
+        if _boolean(body, "logprobs", False):
+            top_logprobs = _integer(body, "top_logprobs", 0, minimum=0, maximum=MAX_TOP_LOGPROBS)
+    else:
+        if _boolean(body, "echo", False):
+            raise invalid("echo", "is not supported; send false or leave it out")
+        max_tokens = _integer(body, "max_tokens", minimum=1)
+        top_logprobs = _integer(body, "logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise invalid("stream_options", f"must be an object, got {_show(options)}")
+    return CompletionRequest(
+        chat=chat,
+        messages=_messages(body) if chat else None,
+        prompt=None if chat else _prompt(body),
+        max_tokens=max_tokens,
+        sampling=_sampling(body, temp, top_p),
+        stream=_boolean(body, "stream", False),
+        include_usage=bool(options and _boolean(options, "include_usage", False)),
+        top_logprobs=top_logprobs,
+    )
+
+
+def _sampling(body: Mapping[str, Any], temp: float, top_p: float) -> dict[str, Any]:
+    finite = math.isfinite
+    return {
+        "temp": _number(body, "temperature", temp, lambda v: finite(v) and v >= 0, ">= 0"),
+        "top_p": _number(body, "top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": _integer(body, "top_k", 0, minimum=0),
+        "min_p": _number(body, "min_p", 0.0, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "repetition_penalty": _number(
+            body, "repetition_penalty", None, lambda v: finite(v) and v > 0, "> 0 (1 = off)"
+        ),
+        "repetition_context_size": _integer(body, "repetition_context_size", 20, minimum=1),
+        "seed": _integer(body, "seed"),
+        "stop": _stop(body),
+    }
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _boolean(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _integer(
+    body: Mapping[str, Any],
+    name: str,
+    default: int | None = None,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"must be an integer, got {_show(value)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (
+            f"= {minimum}"
+            if minimum == maximum
+            else f">= {minimum}"
+            if maximum is None
+            else f"between {minimum} and {maximum}"
+        )
+        raise invalid(name, f"must be {bounds}, got {value}")
+    return value
+
+
+def _number(
+    body: Mapping[str, Any],
+    name: str,
+    default: float | None,
+    ok: Callable[[float], bool],
+    valid: str,
+) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(name, f"must be a number {valid}, got {_show(value)}")
+    if not ok(value):
+        raise invalid(name, f"must be {valid}, got {value}")
+    return float(value)
+
+
+def _stop(body: Mapping[str, Any]) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise invalid(
+            "stop",
+            f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, "
+            f"got {_show(stop)}",
+        )
+    return stops or None
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid(
+            "messages",
+            f"must be a non-empty list of {{role, content}} objects, got {_show(messages)}",
+        )
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise invalid(where, f"must be a {{role, content}} object, got {_show(message)}")
+        role = message.get("role")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for system
+        if role not in ("system", "user", "assistant"):
+            raise invalid(
+                f"{where}.role",
+                f"must be 'system', 'user' or 'assistant' (the chat template knows no other), "
+                f"got {_show(role)}",
+            )
+        content = _content(message.get("content"), f"{where}.content", role)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _content(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, Mapping)]
+        if len(texts) == len(content) and all(
+            p.get("type") == "text" and isinstance(t, str) for p, t in zip(content, texts)
+        ):
+            return "".join(texts)
+    raise invalid(
+        where,
+        f"must be a string or a list of {{type: 'text', text}} parts (this model reads text "
+        f"only), got {_show(content)}",
+    )
+
+
+def _prompt(body: Mapping[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
+        return list(prompt)
+    raise invalid(
+        "prompt",
+        f"must be a non-empty string or a list of token ids (one prompt per request), got "
+        f"{_show(prompt)}",
+    )
