@@ -49,5 +49,9 @@ class GenerationError(OpenELMError):
     not match, an empty prompt or one longer than the context)."""
 
 
+class TrainingError(OpenELMError):
+    """Fine-tuning cannot continue (e.g. the loss became NaN or infinite)."""
+
+
 class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""

@@ -1,0 +1,177 @@
+"""LoRA / DoRA / full fine-tuning adapters in mlx-lm's folder layout.
+
+An adapter folder holds ``adapters.safetensors`` (the trained tensors, named as in the model:
+``transformer.layers.3.attn.qkv_proj.lora_a`` …) and ``adapter_config.json`` with the fields
+mlx-lm reads (``fine_tune_type``, ``num_layers``, ``lora_parameters`` = ``{rank, scale, dropout,
+keys}``), so ``mlx_lm.load(model, adapter_path=...)`` and ``mlx_lm.generate --adapter-path`` use it
+unchanged. The layers themselves are mlx-lm's (``LoRALinear``, ``DoRALinear``), which also wrap
+quantized linears: a quantized base model trains as QLoRA.
+
+Scale convention: mlx-lm adds ``scale · (x @ lora_a) @ lora_b``; we expose ``alpha`` and store
+``scale = alpha / rank`` — the same update as Hugging Face PEFT's ``lora_alpha / r``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import AdapterError, ConfigError
+from .config import FINE_TUNE_TYPES, AdapterSpec
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Paths of the linear layers inside a transformer block (``attn.qkv_proj`` …)."""
+    return [
+        name
+        for name, module in model.layers[0].named_modules()
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name
+    ]
+
+
+def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """Map short names (``qkv_proj``) or full block paths (``attn.qkv_proj``) to block paths.
+
+    Raises:
+        ConfigError: a target names no linear layer of the block.
+    """
+    available = block_linear_names(model)
+    keys: list[str] = []
+    for target in targets:
+        matches = [n for n in available if n == target or n.endswith("." + target)]
+        if not matches:
+            raise ConfigError(
+                f"--targets: {target!r} is not a linear layer of an OpenELM block; "
+                f"choose from {', '.join(n.rsplit('.', 1)[-1] for n in available)}"
+            )
+        keys.extend(m for m in matches if m not in keys)
+    return keys
+
+
+def _num_layers(model: nn.Module, requested: int) -> int:
+    total = len(model.layers)
+    if requested > total:
+        raise ConfigError(f"--num-layers {requested} exceeds the model's {total} layers")
+    return total if requested == -1 else requested
+
+
+def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, Any]:
+    """Freeze ``model`` and make the adapters of ``spec`` its only trainable parameters.
+
+    LoRA/DoRA layers wrap the target linears of the last ``num_layers`` blocks (initialised from
+    the current ``mx.random`` state: seed first); ``full`` unfreezes those blocks entirely.
+
+    Returns:
+        The ``adapter_config.json`` fields mlx-lm needs (without training details).
+
+    Raises:
+        ConfigError: bad spec, unknown target, or ``full`` on a quantized model.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    spec.validate()
+    num_layers = _num_layers(model, spec.num_layers)
+    keys = resolve_targets(model, spec.targets)
+    model.freeze()
+    if spec.fine_tune_type == "full":
+        if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+            raise ConfigError(
+                "full fine-tuning needs a float model; this one is quantized. Use "
+                "--fine-tune-type lora (QLoRA) or convert the model without quantization"
+            )
+        for layer in model.layers[-num_layers:]:
+            layer.unfreeze()
+        params = None
+    else:
+        params = {"rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys}
+        linear_to_lora_layers(model, num_layers, params, use_dora=spec.fine_tune_type == "dora")
+    return {
+        "fine_tune_type": spec.fine_tune_type,
+        "num_layers": num_layers,
+        "lora_parameters": params,
+        "alpha": spec.alpha,
+        "targets": list(spec.targets),
+    }
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
+    """The trained tensors (the model's trainable parameters), by parameter name."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path`` (the file keeps the umask's mode)."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors_atomic(path: Path, tensors: dict[str, mx.array]) -> None:
+    """``mx.save_safetensors`` through a temporary file in the same folder, then rename."""
+    _replace_atomically(path, lambda tmp: mx.save_safetensors(tmp, tensors, {"format": "mlx"}))
+
+
+def save_adapters(model: nn.Module, folder: str | Path, config: dict[str, Any]) -> Path:
+    """Write ``adapters.safetensors`` + ``adapter_config.json`` into ``folder`` (each atomically).
+
+    The one adapter writer: periodic, best and final saves all go through it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(folder / ADAPTER_FILE, adapter_tensors(model))
+    text = json.dumps(config, indent=2, default=_jsonable) + "\n"
+    _replace_atomically(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """Read and check an adapter folder's ``adapter_config.json``.
+
+    Raises:
+        AdapterError: the folder, a file or a required field is missing, or the JSON is bad.
+    """
+    folder = Path(folder)
+    for name in (CONFIG_FILE, ADAPTER_FILE):
+        if not (folder / name).is_file():
+            raise AdapterError(
+                f"{folder} is not an adapter folder: {name} is missing "
+                "(train one with `mlx-openelm lora`)"
+            )
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); re-train") from e
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in FINE_TUNE_TYPES or "num_layers" not in config:
+        raise AdapterError(
+            f"{folder / CONFIG_FILE} lacks a valid fine_tune_type/num_layers; "
+            "it was not written by mlx-openelm or mlx-lm"
+        )
+    if kind != "full" and not {"rank", "scale"} <= set(config.get("lora_parameters") or {}):
+        raise AdapterError(
+            f"{folder / CONFIG_FILE}: lora_parameters needs 'rank' and 'scale' (mlx-lm's layout)"
+        )
+    return config

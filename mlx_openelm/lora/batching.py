@@ -1,0 +1,106 @@
+"""Rows, packing and batches.
+
+A *row* is one sequence of the batch: a single example, or — with packing — several examples laid
+end to end. Packed examples never see each other: each carries a segment number and attention is
+block-diagonal causal (``segment_mask``). Positions run on across a row, so an example may start
+at position 300; RoPE only sees position *differences* inside an example, so its logits are the
+same as when it starts at 0 (``tests/test_lora_train.py`` checks the loss equality).
+
+Packing is best-fit decreasing, done once per dataset: epochs then shuffle the rows, so the number
+of steps per epoch is fixed and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .data import Example
+
+PAD_MULTIPLE = 32  # round row lengths up to this, so only a few shapes are ever compiled
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs for one step (one rank's share of it in data-parallel runs)."""
+
+    inputs: np.ndarray  # (B, L) int32
+    targets: np.ndarray  # (B, L) int32: the next token of each input position
+    weights: np.ndarray  # (B, L) float32: 1 where the target counts in the loss
+    segments: np.ndarray | None  # (B, L) int32: example number in the row, 0 = padding
+    num_tokens: int  # useful (non-padding) input positions
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing of example ``lengths`` into rows of ``capacity``.
+
+    Returns:
+        Rows as lists of example indices (deterministic for given lengths).
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        size = lengths[i]
+        j = bisect.bisect_left(free, (size, -1))
+        if j < len(free):
+            room, row = free.pop(j)
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - size > 0:
+            bisect.insort(free, (room - size, row))
+    return rows
+
+
+def plan_rows(examples: Sequence[Example], capacity: int, pack: bool) -> list[list[int]]:
+    """One example per row, or packed rows of at most ``capacity`` input positions."""
+    if not pack:
+        return [[i] for i in range(len(examples))]
+    return pack_rows([len(e.tokens) - 1 for e in examples], capacity)
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of an epoch: a pure function of (seed, epoch), so a resume can rebuild it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def make_batch(
+    examples: Sequence[Example], rows: Sequence[Sequence[int]], capacity: int, packed: bool
+) -> Batch:
+    """Lay ``rows`` out as arrays padded to a multiple of ``PAD_MULTIPLE`` (≤ ``capacity``)."""
+    longest = max(sum(len(examples[i].tokens) - 1 for i in row) for row in rows)
+    length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, capacity)
+    shape = (len(rows), max(length, longest))
+    inputs = np.zeros(shape, np.int32)
+    targets = np.zeros(shape, np.int32)
+    weights = np.zeros(shape, np.float32)
+    segments = np.zeros(shape, np.int32)
+    used = 0
+    for r, row in enumerate(rows):
+        pos = 0
+        for k, i in enumerate(row, 1):
+            ex = examples[i]
+            n = len(ex.tokens) - 1
+            inputs[r, pos : pos + n] = ex.tokens[:-1]
+            targets[r, pos : pos + n] = ex.tokens[1:]
+            weights[r, pos : pos + n] = ex.trained[1:]
+            segments[r, pos : pos + n] = k
+            pos += n
+        used += pos
+    return Batch(inputs, targets, weights, segments if packed else None, used)
+
+
+def segment_mask(segments: mx.array) -> mx.array:
+    """Block-diagonal causal mask (B, 1, L, L): a position sees earlier ones of its own example.
+
+    Padding (segment 0) only sees padding, so no softmax row is empty.
+    """
+    L = segments.shape[1]
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, L, L)
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    return mx.logical_and(same, causal)
