@@ -70,8 +70,6 @@ __all__ = [
     "url_of",
 ]
 
-DISCONNECT_POLL_S = 0.5
-
 
 class _Api:
     """The routes' state: model, tokenizer, engine and settings."""
@@ -185,33 +183,33 @@ class _Api:
         self,
         request: Request,
         job: Job,
-        events: asyncio.Queue[Event],
+        events: asyncio.Queue[Event | None],
         fmt: ChatFormat | CompletionFormat,
         req: CompletionRequest,
         stats: RequestLog,
     ) -> Response:
         texts: list[str] = []
         logprobs = [] if req.top_logprobs is not None else None
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:  # not TimeoutError: Python 3.10's differs
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    stats.disconnected = True
-                    return Response(status_code=499)  # nginx's "client closed request"
-                continue
-            if isinstance(event, Failed):
-                raise _failure(event)
-            if isinstance(event, Piece):
+        # Nobody else reads from the client now: watch for it hanging up.
+        watcher = asyncio.create_task(_wait_for_disconnect(request, events))
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, Failed):
+                    raise _failure(event)
+                if isinstance(event, Finished):
+                    stats.cached = event.cached_tokens
+                    counts = usage(event.prompt_tokens, event.completion_tokens, stats.cached)
+                    text = "".join(texts)
+                    return JSONResponse(fmt.body(text, event.finish_reason, counts, logprobs))
                 stats.completion += 1
                 texts.append(event.text)
                 if logprobs is not None and event.logprob is not None:
                     logprobs.append(event.logprob)
-                continue
-            stats.cached = event.cached_tokens
-            counts = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return JSONResponse(fmt.body("".join(texts), event.finish_reason, counts, logprobs))
+        finally:
+            watcher.cancel()
+        job.cancelled.set()
+        stats.disconnected = True
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
 
 async def _encode(encode: Callable[..., list[int]], *args: Any, param: str) -> list[int]:
@@ -222,6 +220,13 @@ async def _encode(encode: Callable[..., list[int]], *args: Any, param: str) -> l
         raise APIError(400, str(e), param=param) from e
 
 
+async def _wait_for_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Put ``None`` on ``events`` once the client disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(None)
+
+
 def _threadsafe_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable:
     def sink(event: Event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
@@ -230,7 +235,7 @@ def _threadsafe_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> 
     return sink
 
 
-async def _events(events: asyncio.Queue[Event], stats: RequestLog) -> AsyncIterator[Event]:
+async def _events(events: asyncio.Queue[Event | None], stats: RequestLog) -> AsyncIterator[Event]:
     while True:
         event = await events.get()
         if isinstance(event, Piece):

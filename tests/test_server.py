@@ -427,6 +427,16 @@ def test_client_disconnect_stops_generation(client, url, caplog):
     assert r.usage.completion_tokens == 3
 
 
+def test_client_giving_up_on_a_non_streaming_request_stops_generation(url):
+    before = _wait_idle(url)["requests"]
+    impatient = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="x", prompt="Once", max_tokens=LONG)
+    after = _wait_idle(url)["requests"]
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["generated_tokens"] - before["generated_tokens"] < LONG // 2
+
+
 def test_queue_full_is_429_and_the_server_recovers(loaded):
     model, tok = loaded
     app = create_app(model, tok, "tiny", ServerSettings(max_queue=0))
