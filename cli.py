@@ -18,6 +18,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from mlx_openelm import __version__
@@ -39,7 +40,7 @@ class _Group(TyperGroup):
         except OpenELMError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]Error:[/] {e}")
+            err.print(f"[bold red]Error:[/] {escape(str(e))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if _state["debug"]:
