@@ -302,6 +302,16 @@ def convert(
 
 
 # === generate / chat (generation issue) ===
+from mlx_openelm.generate import (  # noqa: E402 - beside the commands that use them
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_P,
+    DEFAULT_NUM_DRAFT,
+    DEFAULT_REPETITION_CONTEXT,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
+
 PromptOpt = Annotated[
     str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
 ]
@@ -359,19 +369,19 @@ def generate(
     model: ModelOpt = DEFAULT_MODEL,
     prompt: PromptOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = 256,
-    temp: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    temp: TempOpt = DEFAULT_TEMP,
+    top_p: TopPOpt = DEFAULT_TOP_P,
+    top_k: TopKOpt = DEFAULT_TOP_K,
+    min_p: MinPOpt = DEFAULT_MIN_P,
     repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = 20,
+    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = 3,
+    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
@@ -429,19 +439,19 @@ class _TerminalIO:
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = 256,
-    temp: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    temp: TempOpt = DEFAULT_TEMP,
+    top_p: TopPOpt = DEFAULT_TOP_P,
+    top_k: TopKOpt = DEFAULT_TOP_K,
+    min_p: MinPOpt = DEFAULT_MIN_P,
     repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = 20,
+    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = 3,
+    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
 ) -> None:
