@@ -506,16 +506,18 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
     from mlx_openelm.lora import DataReport, EvalReport, SaveReport, StartReport, StepReport
 
     task: list[int] = []
+    data: list[DataReport] = []  # printed once training starts: errors stay one line
 
     def report(event: object) -> None:
         if isinstance(event, DataReport):
-            for split, s in event.splits.items():
+            data.append(event)
+        elif isinstance(event, StartReport):
+            for split, s in data[0].splits.items() if data else ():
                 progress.console.print(
                     f"{split:<5} {s['examples']} examples ({s['format']}), {s['tokens']} tokens, "
                     f"{s['trained_tokens']} trained; {s['truncated']} truncated, "
                     f"{s['dropped']} dropped"
                 )
-        elif isinstance(event, StartReport):
             progress.console.print(
                 f"{event.trainable_parameters / 1e6:.3f}M trainable parameters, "
                 f"{event.steps_per_epoch} steps per epoch, {event.world_size} process(es)"
@@ -657,6 +659,8 @@ def lora(
             config=config, mask_prompt=mask_prompt, test=test, plot=plot, tokenizer=tokenizer,
             resume=resume, force=force, callback=_lora_reporter(progress),
         )  # fmt: skip
+    if result.extra.get("rank", 0):
+        return  # data-parallel: rank 0 reports
     best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
     out.print(
         f"Trained {result.steps} steps ({result.tokens_per_second:,.0f} tok/s, "

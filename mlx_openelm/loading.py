@@ -193,8 +193,9 @@ def load_adapters(model: Model, adapter_path: str | Path) -> Model:
     try:
         model = _mlx_lm_load_adapters(model, str(adapter_path))
     except ValueError as e:  # mlx-lm reports shape/name mismatches as ValueError
-        raise AdapterError(
-            f"adapters in {adapter_path} do not fit this model: {e}; "
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise AdapterError(  # one line: mlx-lm lists one offending tensor per line
+            f"adapters in {adapter_path} do not fit this model: {detail}; "
             "use the base model they were trained on"
         ) from e
     model.eval()

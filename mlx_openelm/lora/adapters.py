@@ -32,12 +32,12 @@ CONFIG_FILE = "adapter_config.json"
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Paths of the linear layers inside a transformer block (``attn.qkv_proj`` …)."""
-    return [
+    """Paths of the linear layers inside a transformer block (``attn.qkv_proj`` …), sorted."""
+    return sorted(
         name
         for name, module in model.layers[0].named_modules()
         if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name
-    ]
+    )
 
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
@@ -55,11 +55,12 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> l
                 f"--targets: {target!r} is not a linear layer of an OpenELM block; "
                 f"choose from {', '.join(n.rsplit('.', 1)[-1] for n in available)}"
             )
-        keys.extend(m for m in matches if m not in keys)
-    return keys
+        keys.extend(matches)
+    return [n for n in available if n in keys]  # one canonical order
 
 
-def _num_layers(model: nn.Module, requested: int) -> int:
+def resolve_num_layers(model: nn.Module, requested: int) -> int:
+    """How many (last) layers ``requested`` means; -1 = all."""
     total = len(model.layers)
     if requested > total:
         raise ConfigError(f"--num-layers {requested} exceeds the model's {total} layers")
@@ -81,7 +82,7 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, Any]:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     spec.validate()
-    num_layers = _num_layers(model, spec.num_layers)
+    num_layers = resolve_num_layers(model, spec.num_layers)
     keys = resolve_targets(model, spec.targets)
     model.freeze()
     if spec.fine_tune_type == "full":

@@ -45,14 +45,22 @@ def _probe(model: nn.Module) -> mx.array:
     return logits
 
 
+def _human(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"
+
+
 def _requantize_warning(quantization: dict[str, Any], drift: float, sizes: tuple[int, int]) -> str:
     bits, group = quantization.get("bits", 4), quantization.get("group_size", 64)
     return (
         f"the base model is {bits}-bit quantized, so the fused weights were re-quantized to "
         f"{bits} bits (groups of {group}); the adapter's update is rounded with them, and the "
         f"fused model's logits differ from base + adapter by {drift:.2%} (max relative) on a "
-        f"probe. Pass --dequantize for an exact merge in float ({sizes[1] / 2**20:.0f} MiB "
-        f"instead of {sizes[0] / 2**20:.0f} MiB), or keep using the adapter unfused"
+        f"probe. Pass --dequantize for an exact merge in float ({_human(sizes[1])} instead "
+        f"of {_human(sizes[0])}), or keep using the adapter unfused"
     )
 
 

@@ -25,7 +25,14 @@ from mlx.utils import tree_flatten
 
 from ..errors import AdapterError
 from ..folder import atomic_output
-from .adapters import ADAPTER_FILE, CONFIG_FILE, AdapterSpec, apply_adapters, read_adapter_config
+from .adapters import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    AdapterSpec,
+    apply_adapters,
+    block_linear_names,
+    read_adapter_config,
+)
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -158,6 +165,7 @@ def import_peft(
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     tensors, layers, keys = _to_mlx_names(weights, folder)
     net, _ = load_model(resolve_model_path(model), lazy=True)
+    keys = [k for k in block_linear_names(net) if k in keys]  # the block's own order
     total = len(net.layers)
     if sorted(layers) != list(range(total - len(layers), total)):
         raise AdapterError(
@@ -179,13 +187,13 @@ def import_peft(
 
 def _check_shapes(net: Any, tensors: dict[str, mx.array], where: Path) -> None:
     expected = dict(tree_flatten(net.trainable_parameters()))
-    problems = [
+    problems = sorted(
         f"{name} has shape {tuple(v.shape)}, the model needs {tuple(expected[name].shape)}"
         if name in expected
         else f"{name} has no place in the model"
         for name, v in tensors.items()
         if name not in expected or tuple(v.shape) != tuple(expected[name].shape)
-    ]
+    )
     missing = sorted(set(expected) - set(tensors))
     if missing:
         problems.append(f"missing {', '.join(missing[:4])}" + (" …" if len(missing) > 4 else ""))

@@ -28,7 +28,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import ConfigError, DataError, OutputExistsError, TrainingError
-from .adapters import ADAPTER_FILE, AdapterSpec, apply_adapters, save_adapters
+from .adapters import (
+    ADAPTER_FILE,
+    AdapterSpec,
+    apply_adapters,
+    resolve_num_layers,
+    resolve_targets,
+    save_adapters,
+)
 from .batching import Batch, epoch_order, make_batch, plan_rows
 from .checkpoint import CHECKPOINT_DIR, check_resume, load_checkpoint, save_checkpoint
 from .compute import all_sum, batch_arrays, evaluate, loss_sums, set_grad_checkpoint
@@ -102,6 +109,10 @@ class Trainer:
         self._check_sizes()
         epochs_total = (config.epochs or 0) * self.steps_per_epoch
         self.total = config.iters or epochs_total or DEFAULT_ITERS
+        schedule = make_schedule(
+            config.lr_schedule, config.learning_rate, self.total, config.warmup
+        )
+        self.optimizer = build_optimizer(config.optimizer, schedule, config.weight_decay)
         self.identity = {
             "hyperparameters": self._curve_settings(),
             "adapter": asdict(spec),
@@ -118,6 +129,9 @@ class Trainer:
         self.last_checkpoint: int | None = None
 
     def _check_config(self) -> None:
+        self.spec.validate()
+        resolve_targets(self.model, self.spec.targets)
+        resolve_num_layers(self.model, self.spec.num_layers)
         cfg = self.cfg
         for name in ("batch_size", "grad_accum", "max_seq_len", "val_every", "save_every"):
             if getattr(cfg, name) < 1:
@@ -182,18 +196,15 @@ class Trainer:
             OutputExistsError, ConfigError: the folder exists (no --resume/--force), or the
                 checkpoint was made with other settings.
         """
+        check_adapter_folder(self.path, resume, force)
         mx.random.seed(self.cfg.seed)
         self.adapter_config = apply_adapters(self.model, self.spec)
         self.adapter_config.update(base_model=self.base_model, training=self.cfg)
-        cfg = self.cfg
-        schedule = make_schedule(cfg.lr_schedule, cfg.learning_rate, self.total, cfg.warmup)
-        self.optimizer = build_optimizer(cfg.optimizer, schedule, cfg.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
-        check_adapter_folder(self.path, resume, force)
         if resume:
             self._restore()
-        elif self.path.exists() and self.rank == 0:
-            shutil.rmtree(self.path)  # --force (check_adapter_folder refused otherwise)
+        elif self.path.exists() and self.rank == 0:  # --force (checked above)
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
         self.metrics = MetricsLog(self.path / "metrics.jsonl", enabled=self.rank == 0)
         self.metrics.truncate(self.step)
 
@@ -280,7 +291,9 @@ class Trainer:
         self._report(StartReport(
             self.total, self.step, self.steps_per_epoch, len(self.rows), trainable, self.size
         ))  # fmt: skip
-        result = TrainResult(self.path, self.total, extra={"pack": self.cfg.pack})
+        result = TrainResult(
+            self.path, self.total, extra={"pack": self.cfg.pack, "rank": self.rank}
+        )
         self.model.train()
         if self.valid_set is not None and self.step == 0:
             self._validate()

@@ -1,0 +1,164 @@
+"""The lora / fuse / export-peft / import-peft / plot commands through the real CLI, and every
+bad input: one red line, exit code 1, nothing written."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import make_model_dir
+from lora_helpers import text_data
+from typer.testing import CliRunner
+
+from mlx_openelm.cli import app
+
+runner = CliRunner()
+FAST = ["--iters", "4", "--batch-size", "2", "--max-seq-len", "64", "--val-every", "2",
+        "--save-every", "2", "--lr", "1e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return text_data(tmp_path_factory.mktemp("data"), n_train=24, n_valid=6, n_test=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "adapters"
+    args = ["lora", "-m", str(tiny_model_dir), "--data", str(data_dir), "-o", str(out)]
+    result = runner.invoke(app, [*args, *FAST, "--test", "--plot"])
+    assert result.exit_code == 0, result.output
+    assert "test loss" in result.output and "Trained 4 steps" in result.output
+    return out
+
+
+def lora(model: Path, *args: str):
+    return runner.invoke(app, ["lora", "-m", str(model), *FAST, *args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error:") and "Traceback" not in result.output
+    return lines[0]
+
+
+def read_png(path: Path) -> tuple[int, int, bytes]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, size = 8, b"", (0, 0)
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(
+            kind + body
+        )
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return size[0], size[1], zlib.decompress(idat)
+
+
+def test_lora_writes_the_adapter_folder(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoint"} <= names
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    width, height, raw = read_png(trained / "loss.png")
+    assert (width, height) == (720, 420) and len(raw) == height * (1 + 3 * width)
+    assert bytes([31, 119, 180]) in raw  # the train curve's colour was drawn
+
+
+def test_plot_command(trained, tmp_path):
+    result = runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert read_png(tmp_path / "c.png")[:2] == (720, 420)
+    one_error_line(runner.invoke(app, ["plot", str(tmp_path)]))
+
+
+def test_fuse_and_peft_commands(tiny_model_dir, trained, tmp_path):
+    fused = runner.invoke(
+        app,
+        ["fuse", "-m", str(tiny_model_dir), "--adapter", str(trained), "-o", str(tmp_path / "f")],
+    )
+    assert fused.exit_code == 0 and "Fused 16 lora layer(s)" in fused.output, fused.output
+    assert (tmp_path / "f" / "model.safetensors").is_file()
+    exported = runner.invoke(app, ["export-peft", str(trained), str(tmp_path / "p")])
+    assert exported.exit_code == 0, exported.output
+    imported = runner.invoke(
+        app, ["import-peft", str(tmp_path / "p"), str(tmp_path / "b"), "-m", str(tiny_model_dir)]
+    )
+    assert imported.exit_code == 0, imported.output
+    assert (tmp_path / "b" / "adapters.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("files", "extra", "message"),
+    [
+        ({}, ["--train", "{d}/nope.jsonl"], "nope.jsonl does not exist"),
+        ({"train.jsonl": ""}, [], "train.jsonl is empty"),
+        ({"train.jsonl": '{"text": "a"}\n{"text": oops}\n'}, [], "train.jsonl:2: malformed JSON"),
+        ({"train.jsonl": '{"text": "a", "id": 3}\n'}, [], "train.jsonl:1: unknown key(s) id"),
+        (
+            {"train.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n'},
+            ["--mask-prompt"],
+            "train.jsonl:1: no assistant turn",
+        ),
+        ({"train.jsonl": '{"text": "hello world"}\n'}, ["--batch-size", "4"], "larger than"),
+        ({"train.jsonl": '{"text": "hello world"}\n'}, ["--rank", "0"], "--rank must be"),
+        ({"train.jsonl": '{"text": "hello world"}\n'}, ["--targets", "q_proj"], "'q_proj'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, files, extra, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    source = [] if any(a == "--train" for a in extra) else ["--data", str(tmp_path)]
+    extra = [a.replace("{d}", str(tmp_path)) for a in extra]
+    line = one_error_line(lora(tiny_model_dir, *source, "-o", str(out), *extra))
+    assert message in line
+    assert not out.exists()
+
+
+def test_existing_folder_and_resume_with_changed_settings(tiny_model_dir, data_dir, trained):
+    base = ["--data", str(data_dir), "-o", str(trained)]
+    before = (trained / "adapters.safetensors").read_bytes()
+    line = one_error_line(lora(tiny_model_dir, *base))
+    assert "already exists" in line and "--resume" in line
+    line = one_error_line(lora(tiny_model_dir, *base, "--resume", "--rank", "4", "--lr", "2e-3"))
+    assert "--rank was 8, now 4" in line and "--learning-rate was 0.001, now 0.002" in line
+    assert (trained / "adapters.safetensors").read_bytes() == before
+    fresh = trained.parent / "fresh"
+    line = one_error_line(
+        lora(tiny_model_dir, "--data", str(data_dir), "-o", str(fresh), "--resume")
+    )
+    assert "holds no checkpoint" in line and not fresh.exists()
+
+
+def test_adapters_for_another_model_shape(tiny_model_dir, trained, tmp_path):
+    other = make_model_dir(tmp_path / "wide", tiny_model_dir / "tokenizer.model", model_dim=96)
+    result = runner.invoke(
+        app, ["fuse", "-m", str(other), "--adapter", str(trained), "-o", str(tmp_path / "f")]
+    )
+    line = one_error_line(result)
+    assert "do not fit this model" in line and "lora_a" in line
+    assert not (tmp_path / "f").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "nan"
+    result = lora(tiny_model_dir, "--data", str(data_dir), "-o", str(out), "--save-every", "1",
+                  "--optimizer", "sgd", "--lr", "1e30")  # fmt: skip
+    assert result.exit_code == 1
+    line = [ln for ln in result.output.splitlines() if ln.startswith("Error:")][0]
+    assert "training loss became nan at step 2" in line
+    assert "last good checkpoint (step 1)" in line
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
