@@ -793,7 +793,9 @@ def eval_perplexity(
     data: Annotated[Path, typer.Option("--data", help='Text file, or JSONL of {"text"}.')],
     model: ModelOpt = DEFAULT_MODEL,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 2048,
-    stride: Annotated[int, typer.Option("--stride", help="Step between windows.")] = 1024,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Step between windows [default: seq-len/2].")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per batch.")] = 1,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,

@@ -177,7 +177,7 @@ def perplexity(
     tokenizer: Any,
     texts: Sequence[str],
     seq_len: int = 2048,
-    stride: int = 1024,
+    stride: int | None = None,
     batch_size: int = 1,
     on_progress: Progress | None = None,
 ) -> PerplexityResult:
@@ -188,14 +188,15 @@ def perplexity(
         tokenizer: anything with ``encode(text, add_bos=True)``.
         texts: documents; windows never cross a document boundary.
         seq_len: tokens per window (≥ 2).
-        stride: step between window starts (1 ≤ stride ≤ seq_len); smaller gives every scored
-            token more context and costs more windows.
+        stride: step between window starts (1 ≤ stride ≤ seq_len; default ``seq_len // 2``);
+            smaller gives every scored token more context and costs more windows.
         batch_size: windows of equal length run together.
         on_progress: called with ``(windows_done, windows_total)``.
 
     Raises:
         DataError: bad window settings, or no text long enough to score a token.
     """
+    stride = max(1, seq_len // 2) if stride is None else stride
     _check_windows(seq_len, stride, batch_size)
     jobs: list[tuple[list[int], int]] = []  # (window tokens, first target relative to window)
     for text in texts:

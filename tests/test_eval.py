@@ -399,3 +399,37 @@ def test_cli_choice_bad_inputs(tiny, tmp_path, line, match):
 def test_cli_eval_missing_model(tmp_path):
     cmd = ["eval", "choice", "-m", str(tmp_path / "nope"), "--tasks", str(EXAMPLE_TASKS)]
     assert "not found" in _one_error_line(runner.invoke(app, cmd))
+
+
+def test_cli_perplexity_applies_the_adapter(tiny, tmp_path):
+    """An adapter with non-zero LoRA weights changes the perplexity to that of the adapted model."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_openelm.loading import load_adapters
+
+    folder, model, tok, _ = tiny
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]}
+    adapted, _ = load_model(folder)
+    adapted.freeze()
+    linear_to_lora_layers(adapted, 2, lora)
+    mx.random.seed(0)
+    params = {k: mx.random.normal(v.shape) for k, v in tree_flatten(adapted.trainable_parameters())}
+    out = tmp_path / "adapter"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), params)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    cmd = ["eval", "perplexity", "-m", str(folder), "--data", str(data), "--seq-len", "32"]
+    plain = runner.invoke(app, [*cmd, "--json"])
+    assert plain.exit_code == 0, plain.output
+    result = runner.invoke(app, [*cmd, "--json", "--adapter", str(out)])
+    assert result.exit_code == 0, result.output
+    plain, with_adapter = (json.loads(r.output)["perplexity"] for r in (plain, result))
+    fresh, _ = load_model(folder)
+    expected = perplexity(load_adapters(fresh, out), tok, [TEXT], seq_len=32, stride=16)
+    assert with_adapter == pytest.approx(expected.perplexity, rel=1e-6)
+    assert abs(with_adapter - plain) / plain > 1e-3
