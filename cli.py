@@ -188,18 +188,12 @@ _MIXED_HELP = (
 
 def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
     tasks: dict[str, int] = {}
-    labels = {"hash": "hashing sources", "convert": "converting"}
 
     def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
         if p.phase not in tasks:
-            label = labels.get(p.phase, p.phase)
-            tasks[p.phase] = progress.add_task(label, total=p.bytes_total, count="")
-        label = "files" if p.phase == "hash" else "tensors"
-        progress.update(
-            tasks[p.phase],
-            completed=p.bytes_done,
-            count=f"{p.tensors_done}/{p.tensors_total} {label}",
-        )
+            tasks[p.phase] = progress.add_task(p.phase, total=p.bytes_total, count="")
+        count = f"{p.tensors_done}/{p.tensors_total} tensors"
+        progress.update(tasks[p.phase], completed=p.bytes_done, count=count)
 
     return report
 
@@ -252,6 +246,9 @@ def convert(
         GroupSize, typer.Option("--group-size", help="Weights per quantization scale.")
     ] = GroupSize.g64,
     mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="After -q: measure the KL cost.")
+    ] = True,
     tokenizer: TokenizerOpt = None,
     chat_template: Annotated[
         ChatTemplate, typer.Option("--chat-template", help="auto: Zephyr for -Instruct models.")
@@ -287,6 +284,7 @@ def convert(
             mixed=mixed.value if mixed else None,
             tokenizer=tokenizer,
             chat_template=chat_template.value,
+            quality=quality,
             force=force,
             revision=revision,
             on_progress=_progress_reporter(progress),

@@ -10,8 +10,9 @@ memory stays near the largest tensor, not the model.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,13 @@ from mlx_openelm.folder import write_model_folder
 
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
 from .quality import QualityReport, quantization_quality
-from .quantize import MIXED_PRESETS, QuantPlan, plan_quantization, quantize_stream
+from .quantize import (
+    MIXED_PRESETS,
+    QuantPlan,
+    check_quantization,
+    plan_quantization,
+    quantize_stream,
+)
 from .sources import FORMATS, open_source
 from .tensors import TensorRef
 
@@ -47,7 +54,7 @@ BF16_ABOVE_PARAMETERS = 2_000_000_000
 
 @dataclass(frozen=True)
 class ConvertProgress:
-    """A progress report: ``phase`` is ``"hash"`` (hashing source files) or ``"convert"``."""
+    """A progress report after each tensor written (``phase`` is ``"convert"``)."""
 
     phase: str
     bytes_done: int
@@ -121,8 +128,7 @@ def convert(
         quality: after quantizing, measure the KL divergence and perplexity cost.
         force: replace an existing ``output``.
         revision: hub revision (branch, tag or commit) for a repo id.
-        on_progress: called with a :class:`ConvertProgress` as files are hashed and tensors
-            written.
+        on_progress: called with a :class:`ConvertProgress` after each tensor is written.
 
     Returns:
         A :class:`ConvertResult`.
@@ -139,6 +145,8 @@ def convert(
         )
     out_dtype_name = _check_options(dtype, chat_template)
     plan_options = (bits, group_size, mixed) if (quantize or mixed) else None
+    if plan_options:
+        check_quantization(*plan_options)  # before any download
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
         raise ConfigError("no source given; pass a repo id, a folder or a checkpoint file")
@@ -148,11 +156,15 @@ def convert(
     plan = plan_quantization(cp.args, *plan_options) if plan_options else None
     out_dtype_name = out_dtype_name or _default_dtype(cp.args)
     tok = _tokenizer(cp, tokenizer, chat_template)
-    record = _source_record(cps, on_progress)
-    config = _output_config(cp.args, record, out_dtype_name, plan)
+    # Hashing the source files (4 GB for 1_1B) runs on another core while tensors are
+    # converted; the record goes into config.json, which the writer serialises only after the
+    # last tensor (_Pending is not JSON-serialisable, so any earlier use fails loudly).
+    hashing = _Background(_source_record, cps)
+    config = _output_config(cp.args, _Pending(), out_dtype_name, plan)
     stream = _stream(tensors, DTYPES[out_dtype_name], on_progress)
     if plan is not None:
         stream = quantize_stream(stream, plan)
+    stream = _then(stream, lambda: config.update(source=hashing.result()))
     totals = write_model_folder(
         output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
     )
@@ -165,7 +177,7 @@ def convert(
         size_bytes=sum(f.stat().st_size for f in output.iterdir() if f.is_file()),
         seconds=time.perf_counter() - start,
         dtype=out_dtype_name,
-        source=record,
+        source=config["source"],
         quantization=plan.config() if plan else None,
         bits_per_weight=plan.bits_per_weight(_shapes(tensors)) if plan else None,
         quality=report,
@@ -196,37 +208,60 @@ def _tokenizer(cp: Checkpoint, tokenizer: str | Path | None, chat_template: str 
     from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer
 
     model_file = resolve_tokenizer_file(model_dir=cp.folder, tokenizer=tokenizer)
+    # From the source folder, the tokenizer keeps that folder's own chat template, if any.
+    tok = Tokenizer.from_folder(cp.folder, model_file) if cp.folder else Tokenizer(model_file)
     if chat_template == "zephyr":
-        template = ZEPHYR_CHAT_TEMPLATE
+        tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     elif chat_template == "none":
-        template = None
-    else:  # auto: the source folder's own template, else Zephyr for instruct models
-        template = Tokenizer.from_folder(cp.folder, model_file).chat_template if cp.folder else None
-        if template is None and "instruct" in cp.name.lower():
-            template = ZEPHYR_CHAT_TEMPLATE
-    return Tokenizer(model_file, chat_template=template)
+        tok.chat_template = None
+    elif tok.chat_template is None and "instruct" in cp.name.lower():
+        tok.chat_template = ZEPHYR_CHAT_TEMPLATE  # auto: OpenELM-Instruct was tuned with Zephyr's
+    return tok
 
 
-def _source_record(
-    cps: Sequence[Checkpoint], on_progress: Callable[[ConvertProgress], None] | None
-) -> dict[str, Any]:
+def _source_record(cps: Sequence[Checkpoint]) -> dict[str, Any]:
     """Where the weights came from: repo id + revision, or each local file's sha256."""
     from mlx_openelm.hub import file_sha256
 
-    files = [f for cp in cps if "repo_id" not in cp.source for f in cp.files]
-    total, done, hashes = sum(f.stat().st_size for f in files), 0, {}
-    for i, f in enumerate(files):
-        hashes[f] = file_sha256(f)
-        done += f.stat().st_size
-        if on_progress is not None:
-            on_progress(ConvertProgress("hash", done, total, i + 1, len(files), f.name))
     records = [
         cp.source
         if "repo_id" in cp.source
-        else {**cp.source, "files": [{"file": f.name, "sha256": hashes[f]} for f in cp.files]}
+        else {**cp.source, "files": [{"file": f.name, "sha256": file_sha256(f)} for f in cp.files]}
         for cp in cps
     ]
     return records[0] if len(records) == 1 else {"averaged": len(records), "checkpoints": records}
+
+
+class _Pending:
+    """Placeholder for a value computed in the background (deliberately not serialisable)."""
+
+
+class _Background:
+    """Run ``fn(*args)`` on a daemon thread (Ctrl-C does not wait for it); ``result()`` joins."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _then(items: Iterable[Any], finish: Callable[[], None]) -> Iterator[Any]:
+    """Yield ``items``, then call ``finish()`` once they are exhausted."""
+    yield from items
+    finish()
 
 
 def _output_config(

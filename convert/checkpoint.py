@@ -101,6 +101,11 @@ def prepare_tensors(cp: Checkpoint) -> dict[str, TensorRef]:
 
 
 def _hint(cp: Checkpoint) -> str:
+    if any(".base_layer." in k or "lora_" in k for k in cp.tensors):
+        return (
+            "this looks like a LoRA training checkpoint (base_layer / lora_* tensors): merge the "
+            "adapters into the base weights first, or convert the base model"
+        )
     if cp.format == "corenet":
         return (
             "check that --config-yaml / --size describes the model this checkpoint was "

@@ -77,14 +77,8 @@ class QuantPlan:
         return total / max(weights, 1)
 
 
-def plan_quantization(
-    args: ModelArgs, bits: int = 4, group_size: int = 64, mixed: str | None = None
-) -> QuantPlan:
-    """Decide each module's bit width (see the module docstring for the mixed presets).
-
-    Raises:
-        ConfigError: an unsupported bit width, group size or preset name.
-    """
+def check_quantization(bits: int, group_size: int, mixed: str | None = None) -> None:
+    """Raise ConfigError for an unsupported bit width, group size or preset name."""
     if mixed is not None and mixed not in MIXED_PRESETS:
         choices = ", ".join(MIXED_PRESETS)
         raise ConfigError(f"unknown mixed preset {mixed!r}; choose one of {choices}")
@@ -94,6 +88,17 @@ def plan_quantization(
         raise ConfigError(
             f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}"
         )
+
+
+def plan_quantization(
+    args: ModelArgs, bits: int = 4, group_size: int = 64, mixed: str | None = None
+) -> QuantPlan:
+    """Decide each module's bit width (see the module docstring for the mixed presets).
+
+    Raises:
+        ConfigError: an unsupported bit width, group size or preset name.
+    """
+    check_quantization(bits, group_size, mixed)
     low, high = MIXED_PRESETS[mixed] if mixed else (bits, bits)
     n = args.num_transformer_layers
     modules: dict[str, int] = {}

@@ -88,6 +88,7 @@ def test_unexpected_tensors_are_listed(tmp_path, tiny_spm, tiny):
     msg = fails(tmp_path, tiny_spm, str(write_hf_safetensors(tmp_path / "src", cfg, extra)))
     assert "unexpected 2 tensor(s)" in msg
     assert "transformer.layers.{1}.attn.lora_a" in msg and "bonus.weight" in msg
+    assert "looks like a LoRA training checkpoint" in msg
 
 
 def test_shape_disagreeing_with_config(tmp_path, tiny_spm, tiny):
@@ -131,6 +132,15 @@ def test_pt_with_a_forbidden_global(tmp_path, tiny_spm, tiny):
 def test_corenet_without_config(tmp_path, tiny_spm, tiny):
     pt = write_corenet_pt(tmp_path / "c.pt", {"norm.weight": tiny[1]["transformer.norm.weight"]})
     assert "--config-yaml" in fails(tmp_path, tiny_spm, str(pt))
+
+
+def test_corenet_size_that_does_not_fit_the_checkpoint(tmp_path, tiny_spm):
+    cfg = tiny_config(vocab_size=32000)  # 4 layers, dim 64: not a 270M checkpoint
+    pt = write_corenet_pt(tmp_path / "small.pt", corenet_state(random_weights(cfg)))
+    msg = fails(tmp_path, tiny_spm, str(pt), "--size", "270M")
+    assert "missing 96 tensor(s): transformer.layers.{4-15}.attn_norm.weight" in msg
+    assert "transformer.token_embeddings.weight (expected (32000, 1280), got (32000, 64))" in msg
+    assert "check that --config-yaml / --size describes the model" in msg
 
 
 def test_averaging_checkpoints_with_different_shapes(tmp_path, tiny_spm):
