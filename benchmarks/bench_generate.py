@@ -135,7 +135,37 @@ def bench_dtype(folder: Path, args: argparse.Namespace) -> dict[str, list[dict]]
             stream, model, tok = runners[name]
             results[name].append(run(stream, model, tok, prompt, args.gen_tokens))
     same = all(r["tokens"] == results["mlx-lm"][0]["tokens"] for rs in results.values() for r in rs)
-    return {"rows": results, "same_tokens": same}
+    models = {name: model for name, (_, model, _) in runners.items()}
+    steps = forward_steps(models, prompt, args.steps) if args.steps else None
+    return {"rows": results, "same_tokens": same, "steps": steps}
+
+
+def forward_steps(models: dict[str, nn.Module], prompt: list[int], steps: int) -> dict:
+    """Model forward passes only, interleaved pass by pass: one prefill of ``prompt`` and one
+    greedy decode step per model per round, alternating the order. Background load then hits
+    every model alike, which whole alternating runs on a busy machine cannot promise."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    names = list(models)
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
+    caches = {n: make_prompt_cache(models[n]) for n in names}
+    ys = {}
+    for i in range(steps):
+        for n in names if i % 2 == 0 else names[::-1]:
+            if i < 3:  # a fresh prefill each of the first rounds (the last one is kept)
+                caches[n] = make_prompt_cache(models[n])
+                start = time.perf_counter()
+                logits = models[n](mx.array([prompt]), cache=caches[n])
+                ys[n] = mx.argmax(logits[:, -1], axis=-1)
+                mx.eval(ys[n], [c.state for c in caches[n]])
+                times[n]["prefill"].append(len(prompt) / (time.perf_counter() - start))
+                continue
+            start = time.perf_counter()
+            logits = models[n](ys[n][:, None], cache=caches[n])
+            ys[n] = mx.argmax(logits[:, -1], axis=-1)
+            mx.eval(ys[n])
+            times[n]["decode"].append(1 / (time.perf_counter() - start))
+    return times
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -169,6 +199,23 @@ def table(all_results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def steps_table(all_results: dict[str, dict]) -> str:
+    lines = [
+        "| dtype | implementation | prefill tok/s | decode tok/s | prefill ratio | decode ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for dtype, res in all_results.items():
+        steps = res["steps"]
+        base = {k: statistics.median(v) for k, v in steps["mlx-lm"].items()}
+        for name, t in steps.items():
+            p, d = statistics.median(t["prefill"]), statistics.median(t["decode"])
+            lines.append(
+                f"| {dtype} | {name} | {p:.1f} | {d:.2f} | {p / base['prefill']:.2f}× "
+                f"| {d / base['decode']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
 def write_section(text: str) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if SECTION in old:
@@ -185,6 +232,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="fp32,bf16,4-bit")
     parser.add_argument("--compile", action="store_true", help="add the mx.compile experiment")
+    parser.add_argument("--steps", type=int, default=0, help="also interleave forward passes")
     parser.add_argument("--write", action="store_true", help=f"replace {SECTION} in RESULTS.md")
     args = parser.parse_args()
     if not TOKENIZER.is_file():
@@ -199,6 +247,11 @@ def main() -> None:
             results[dtype] = bench_dtype(folder, args)
             print(f"{dtype}: done ({time.time() - started:.0f} s)", file=sys.stderr)
     body = table(results)
+    if args.steps:
+        body += (
+            f"\n\nForward passes only, interleaved pass by pass ({args.steps - 3} decode steps "
+            "after 3 prefills per model, medians):\n\n" + steps_table(results)
+        )
     same = all(r["same_tokens"] for r in results.values())
     text = (
         f"{SECTION}\n\n"

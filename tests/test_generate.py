@@ -218,6 +218,8 @@ def test_cli_bad_models(dirs, tmp_path):
     assert_one_line_error(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
     bad = cli("-m", str(dirs["inst"]), "-p", "hi", "--draft-model", str(dirs["bad_draft"]))
     assert_one_line_error(bad, "512-token vocabulary", "400")
+    not_adapters = cli("-m", str(dirs["inst"]), "-p", "hi", "--adapter", str(tmp_path))
+    assert_one_line_error(not_adapters, "is not an adapter folder")
     assert_one_line_error(cli("-m", str(dirs["inst"])), "--prompt")
     assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
 
