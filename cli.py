@@ -247,8 +247,9 @@ def convert(
     ] = GroupSize.g64,
     mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
     quality: Annotated[
-        bool, typer.Option("--quality/--no-quality", help="After -q: measure the KL cost.")
-    ] = True,
+        bool | None,
+        typer.Option("--quality/--no-quality", help="After -q: measure the KL cost (GPU: on)."),
+    ] = None,
     tokenizer: TokenizerOpt = None,
     chat_template: Annotated[
         ChatTemplate, typer.Option("--chat-template", help="auto: Zephyr for -Instruct models.")
@@ -297,6 +298,8 @@ def convert(
         return
     for line in _convert_summary(result):
         out.print(line)
+    if result.quantization and result.quality is None and quality is None:
+        out.print("Quality probe skipped on CPU (slow there); pass --quality to run it.")
 
 
 # === generate / chat (generation issue) ===

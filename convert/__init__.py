@@ -105,7 +105,7 @@ def convert(
     mixed: str | None = None,
     tokenizer: str | Path | None = None,
     chat_template: str | None = None,
-    quality: bool = True,
+    quality: bool | None = None,
     force: bool = False,
     revision: str | None = None,
     on_progress: Callable[[ConvertProgress], None] | None = None,
@@ -125,7 +125,8 @@ def convert(
         tokenizer: an explicit ``tokenizer.model`` (else the source's, else Llama-2's).
         chat_template: ``zephyr``, ``none`` or ``auto`` (None): the source's template, else
             Zephyr for ``-Instruct`` models.
-        quality: after quantizing, measure the KL divergence and perplexity cost.
+        quality: after quantizing, measure the KL divergence and perplexity cost on a probe
+            text. None: only on a GPU (on a CPU the two forward passes take minutes for 270M+).
         force: replace an existing ``output``.
         revision: hub revision (branch, tag or commit) for a repo id.
         on_progress: called with a :class:`ConvertProgress` after each tensor is written.
@@ -168,6 +169,8 @@ def convert(
     totals = write_model_folder(
         output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
     )
+    if quality is None:
+        quality = mx.default_device().type == mx.DeviceType.gpu
     report = None
     if plan is not None and quality:
         report = quantization_quality(tensors, output, cp.args, DTYPES[out_dtype_name])

@@ -117,7 +117,14 @@ def test_quality_report_agrees_with_an_independent_computation(tmp_path, tiny_sp
     folder, cfg, weights = source
     out = tmp_path / "q3"
     result = convert(
-        folder, out, dtype="float32", quantize=True, bits=3, group_size=32, tokenizer=tiny_spm
+        folder,
+        out,
+        dtype="float32",
+        quantize=True,
+        bits=3,
+        group_size=32,
+        tokenizer=tiny_spm,
+        quality=True,
     )
     report = result.quality
     ids = Tokenizer(tiny_spm).encode(PROBE_TEXT)[:PROBE_TOKENS]
@@ -141,7 +148,7 @@ def test_fewer_bits_cost_more(tmp_path, tiny_spm, source):
     kl = {}
     for bits in (2, 4, 8):
         r = convert(folder, tmp_path / f"q{bits}", quantize=True, bits=bits, group_size=32,
-                    tokenizer=tiny_spm)  # fmt: skip
+                    tokenizer=tiny_spm, quality=True)  # fmt: skip
         kl[bits] = r.quality.kl_mean
     assert 0 <= kl[8] < kl[4] < kl[2]
     assert kl[8] < 1e-3
@@ -157,3 +164,21 @@ def test_unsupported_quantization_options_are_refused_before_writing(tmp_path, t
         with pytest.raises(ConfigError, match=words):
             convert(folder, tmp_path / "q", quantize=True, tokenizer=tiny_spm, **options)
         assert not (tmp_path / "q").exists()
+
+
+def test_cli_quality_probe_is_opt_in_on_cpu(tmp_path, tiny_spm, source):
+    from typer.testing import CliRunner
+
+    from mlx_openelm.cli import app
+
+    folder, _, _ = source
+    base = ["convert", str(folder), "--tokenizer", str(tiny_spm), "-q", "--group-size", "32"]
+    runner = CliRunner()
+    auto = runner.invoke(app, [*base[:2], str(tmp_path / "a"), *base[2:]])
+    assert auto.exit_code == 0, auto.output
+    assert "4-bit g32 (5.00 bits/weight)" in auto.output
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert "Quality probe skipped on CPU" in auto.output
+    forced = runner.invoke(app, [*base[:2], str(tmp_path / "b"), *base[2:], "--quality"])
+    assert forced.exit_code == 0, forced.output
+    assert "Quantization cost on a" in forced.output and "KL" in forced.output
