@@ -47,8 +47,9 @@ __all__ = [
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 CHAT_TEMPLATES = ("auto", "zephyr", "none")
-# Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port notes
-# that 3B needs bfloat16's range; float16 overflows in its activations.
+# Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port
+# (corenet mlx_examples/open_elm) says 3B "requires a greater activation range than the other
+# model sizes" and should use bfloat16 for 16-bit and quantized inference.
 BF16_ABOVE_PARAMETERS = 2_000_000_000
 
 

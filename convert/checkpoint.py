@@ -42,6 +42,7 @@ class Checkpoint:
         name: a label for messages and instruct detection (repo id, folder or file name).
         folder: the HF folder, where a tokenizer or generation config may be found.
         generation_config: the source's ``generation_config.json``, if any.
+        files: the weight files (hashed into the source record).
     """
 
     format: str
