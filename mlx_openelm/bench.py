@@ -183,7 +183,7 @@ def bench(
     Args:
         model: model folder or hub repo id.
         prompt_tokens, generation_tokens: per trial; the prompt is random token ids.
-        trials: timed runs per row, after one untimed warm-up run each.
+        trials: timed runs per row, after one short untimed warm-up run each.
         compare_mlx_lm: also run mlx-lm's implementation on the same folder.
         seed: for the random prompt.
         measure_limit: measure memory bandwidth for the decode limit (takes ~1 s).
@@ -207,8 +207,10 @@ def bench(
         runners.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
     prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
     kw = {"tokenizer": _no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
-    for _, generate, m in runners:  # warm-up: kernels, caches, first-touch of the weights
-        _run_trial(generate, m, 0, **{**kw, "max_tokens": min(generation_tokens, 8)})
+    # Warm-up (untimed, short: any forward touches every weight once and builds the kernels).
+    warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
+    for _, generate, m in runners:
+        _run_trial(generate, m, 0, **warm)
     rows = [BenchRow(name) for name, _, _ in runners]
     for i in range(trials):
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
