@@ -269,6 +269,8 @@ def convert(
 
     if len(sources) > 1 and not average:
         raise ConfigError(f"{len(sources)} sources given; pass --average to average them")
+    if average and len(sources) < 2:
+        raise ConfigError("--average needs at least two checkpoints to average")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     extra = (TextColumn("{task.fields[count]}"), TimeElapsedColumn())
     with Progress(*columns, *extra, console=err, transient=True) as progress:

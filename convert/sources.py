@@ -65,6 +65,8 @@ def open_source(
     fmt = source_format or detect_format(source)
     path = Path(source).expanduser()
     if fmt == "corenet":
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; pass the CoreNet checkpoint file (.pt) itself")
         if not path.is_file():
             raise ModelNotFoundError(
                 f"CoreNet checkpoint {path} not found; pass the .pt file of a CoreNet run"

@@ -158,6 +158,13 @@ def test_several_sources_need_average(tmp_path, tiny_spm, tiny):
     assert "pass --average" in fails(tmp_path, tiny_spm, str(src), str(src))
 
 
+def test_average_needs_two_sources_and_corenet_needs_a_file(tmp_path, tiny_spm, tiny):
+    src = write_hf_safetensors(tmp_path / "src", *tiny)
+    assert "at least two" in fails(tmp_path, tiny_spm, "--average", str(src))
+    msg = fails(tmp_path, tiny_spm, str(src), "--from", "corenet", "--size", "270M")
+    assert "is a folder; pass the CoreNet checkpoint file" in msg
+
+
 def test_output_exists(tmp_path, tiny_spm, tiny):
     src = write_hf_safetensors(tmp_path / "src", *tiny)
     (tmp_path / "out").mkdir()
