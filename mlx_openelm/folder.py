@@ -5,10 +5,10 @@ One writer serves ``convert`` and ``fuse``. A folder is ``config.json`` (HF fiel
 ``model.safetensors.index.json``), ``tokenizer.model`` + ``tokenizer_config.json`` and optionally
 ``generation_config.json``.
 
-Tensors are streamed: each one is evaluated, its bytes appended to a shard body file, and dropped,
-so peak memory stays near the largest single tensor rather than the model size. The safetensors
-header (which must come first) is written once all shapes are known, then the body is copied
-behind it.
+Tensors are streamed: each one is evaluated, its bytes written into the shard file behind a
+reserved header area, and dropped, so peak memory stays near the largest single tensor rather
+than the model size. The safetensors header (which must come first) is filled in once all shapes
+are known.
 """
 
 from __future__ import annotations
@@ -96,10 +96,17 @@ def _array_bytes(a: mx.array) -> bytes:
     return np.asarray(a).tobytes(order="C")
 
 
+# Room left for the JSON header in front of the data, so each tensor's bytes are written once,
+# straight into the final file. Whitespace padding of the header is allowed by the format; 256 KiB
+# holds ~2000 tensor entries (a quantized 3B model has ~700). A larger header falls back to a copy.
+_HEADER_RESERVE = 256 * 1024
+
+
 class _Shard:
     def __init__(self, folder: Path, index: int):
-        self.body_path = folder / f".shard-{index}.body"
-        self.body = open(self.body_path, "wb")
+        self.path = folder / f".shard-{index}.safetensors"
+        self.file = open(self.path, "wb")
+        self.file.seek(8 + _HEADER_RESERVE)
         self.header: dict[str, Any] = {}
         self.size = 0
 
@@ -110,19 +117,27 @@ class _Shard:
             "shape": list(a.shape),
             "data_offsets": [self.size, self.size + len(data)],
         }
-        self.body.write(data)
+        self.file.write(data)
         self.size += len(data)
         return len(data)
 
     def finish(self, path: Path) -> None:
-        self.body.close()
         header = json.dumps({"__metadata__": {"format": "mlx"}, **self.header}).encode()
+        if len(header) <= _HEADER_RESERVE:
+            self.file.seek(0)
+            self.file.write(_HEADER_RESERVE.to_bytes(8, "little"))
+            self.file.write(header + b" " * (_HEADER_RESERVE - len(header)))
+            self.file.close()
+            self.path.rename(path)
+            return
+        self.file.close()
         header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
-        with open(path, "wb") as out, open(self.body_path, "rb") as body:
+        with open(path, "wb") as out, open(self.path, "rb") as body:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
+            body.seek(8 + _HEADER_RESERVE)
             shutil.copyfileobj(body, out, 16 * 2**20)
-        self.body_path.unlink()
+        self.path.unlink()
 
 
 def write_safetensors(

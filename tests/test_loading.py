@@ -167,3 +167,25 @@ def test_unknown_model_reference():
 
     with pytest.raises(ModelNotFoundError, match="neither a local folder nor a hub repo id"):
         resolve_model_path("./no/such/folder")
+
+
+@pytest.mark.parametrize("reserve", [None, 16])
+def test_safetensors_readable_by_other_readers(tmp_path, tiny, monkeypatch, reserve):
+    # The header is written into reserved room in front of the data (or, when it does not fit,
+    # the data is moved behind it); either way standard readers must agree on every tensor.
+    from safetensors import safe_open
+
+    import mlx_openelm.folder as folder_mod
+
+    if reserve is not None:
+        monkeypatch.setattr(folder_mod, "_HEADER_RESERVE", reserve)
+    cfg, w = tiny
+    _write(tmp_path / "m", cfg, w)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="np") as f:
+        assert set(f.keys()) == set(w)
+        for k in w:
+            np.testing.assert_array_equal(f.get_tensor(k), w[k])
