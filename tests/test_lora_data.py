@@ -153,3 +153,10 @@ def test_epoch_order_is_a_seeded_permutation():
     a, b = epoch_order(10, seed=3, epoch=0), epoch_order(10, seed=3, epoch=1)
     assert sorted(a) == list(range(10)) and not np.array_equal(a, b)
     assert np.array_equal(a, epoch_order(10, seed=3, epoch=0))
+
+
+def test_line_numbers_survive_unicode_line_separators_and_bad_utf8(tmp_path, base_tok):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes('{"text": "a\u2028b"}\n{"text": "c"}\n'.encode() + b'{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"u\.jsonl:3: not valid UTF-8"):
+        encode_file(path, base_tok, 64)

@@ -211,3 +211,13 @@ def test_save_adapters_is_mlx_lm_layout(tiny_model_dir, tmp_path):
     assert saved["lora_parameters"] == {"rank": 4, "scale": 2.0, "dropout": 0.0,
                                         "keys": ["attn.qkv_proj"]}  # fmt: skip
     assert saved["num_layers"] == 4
+
+
+def test_epochs_set_the_number_of_steps(tiny_model_dir, data_dir, tmp_path):
+    config = replace(FAST, iters=None, epochs=2, grad_accum=2, save_every=100)
+    result = finetune(tiny_model_dir, tmp_path / "e", data=data_dir, config=config)
+    _, tok = load(tiny_model_dir)
+    rows = plan_rows(encode_file(data_dir / "train.jsonl", tok, 64).examples, 64, pack=True)
+    assert result.steps == 2 * (len(rows) // 2 // 2)  # rows per batch, batches per step
+    epochs = {r["epoch"] for r in read_metrics(tmp_path / "e" / "metrics.jsonl") if "epoch" in r}
+    assert epochs == {0, 1}

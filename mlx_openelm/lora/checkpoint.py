@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputExistsError
 from ..folder import atomic_output
 from .adapters import ADAPTER_FILE, adapter_tensors
 
@@ -86,4 +86,25 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
             "cannot resume with changed settings (the loss curve would not continue): "
             + "; ".join(changes)
             + ". Use the original settings, or train into a new --adapter-path"
+        )
+
+
+def check_adapter_folder(path: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an existing run, or to resume one that has no checkpoint.
+
+    Raises:
+        OutputExistsError: ``path`` exists, no ``resume`` nor ``force``.
+        ConfigError: ``resume`` without a checkpoint in ``path``.
+    """
+    path = Path(path)
+    if resume:
+        if not (path / CHECKPOINT_DIR / "state.json").is_file():
+            raise ConfigError(
+                f"--resume: {path / CHECKPOINT_DIR} holds no checkpoint; checkpoints are written "
+                "every --save-every steps (start without --resume)"
+            )
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise OutputExistsError(
+            f"adapter folder {path} already exists; pass --resume to continue it, "
+            "--force to replace it, or choose another --adapter-path"
         )

@@ -86,11 +86,13 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], str]
         raise DataError(f"data file {path} does not exist; pass --data DIR or --train FILE")
     raw = path.read_bytes()
     records = []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for number, raw_line in enumerate(raw.splitlines(), 1):
+        if not raw_line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(raw_line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason})") from None
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno}); "

@@ -10,11 +10,12 @@ from typing import Any
 import mlx.core as mx
 
 from .adapters import AdapterSpec
+from .checkpoint import check_adapter_folder
 from .compute import evaluate
 from .config import Callback, EvalReport, TrainConfig, TrainResult
 from .data import load_datasets
 from .plot import plot_metrics
-from .trainer import check_adapter_folder, train
+from .trainer import train
 
 _SHAPE_FIELDS = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
 

@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..errors import ConfigError, DataError, OutputExistsError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from .adapters import (
     ADAPTER_FILE,
     AdapterSpec,
@@ -37,7 +37,13 @@ from .adapters import (
     save_adapters,
 )
 from .batching import Batch, epoch_order, make_batch, plan_rows
-from .checkpoint import CHECKPOINT_DIR, check_resume, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    check_adapter_folder,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .compute import all_sum, batch_arrays, evaluate, loss_sums, set_grad_checkpoint
 from .config import (
     DEFAULT_ITERS,
@@ -53,27 +59,6 @@ from .config import (
 from .data import Dataset
 from .metrics import MetricsLog
 from .optim import build_optimizer, make_schedule
-
-
-def check_adapter_folder(path: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite an existing run, or to resume one that has no checkpoint.
-
-    Raises:
-        OutputExistsError: ``path`` exists, no ``resume`` nor ``force``.
-        ConfigError: ``resume`` without a checkpoint in ``path``.
-    """
-    path = Path(path)
-    if resume:
-        if not (path / CHECKPOINT_DIR / "state.json").is_file():
-            raise ConfigError(
-                f"--resume: {path / CHECKPOINT_DIR} holds no checkpoint; checkpoints are written "
-                "every --save-every steps (start without --resume)"
-            )
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise OutputExistsError(
-            f"adapter folder {path} already exists; pass --resume to continue it, "
-            "--force to replace it, or choose another --adapter-path"
-        )
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -323,7 +308,7 @@ class Trainer:
     def _log_step(self, loss: float, tokens: int, dt: float, elapsed: float, done: int) -> None:
         lr = float(self.optimizer.learning_rate.item())
         peak = mx.get_peak_memory() / 1e9
-        epoch = self.step * self.cfg.grad_accum // self.batches_per_epoch
+        epoch = (self.step - 1) * self.cfg.grad_accum // self.batches_per_epoch  # of this step
         self.metrics.log({
             "step": self.step, "epoch": epoch, "train_loss": loss, "learning_rate": lr,
             "tokens": tokens, "tokens_per_second": tokens / dt, "peak_memory_gb": peak,

@@ -1,0 +1,227 @@
+"""LoRA fine-tuning throughput: ours (packed rows) vs mlx-lm's trainer, same model/data/rank.
+
+Question: on WikiSQL with a 270M-shaped OpenELM (random weights), how many *useful* tokens per
+second (non-padding input positions) does each trainer process, and at what peak memory?
+
+Both sides get the same model folder, the same Llama-2 tokenization of ``../shared/data/wikisql``
+(BOS + text + EOS), LoRA of rank ``--rank`` on the same four linears of all 16 layers
+(``scale = alpha / rank`` on both), Adam at the same learning rate and ``--batch-size``
+sequences per step. mlx-lm pads each batch to a multiple of 32 (its length sort is a no-op for
+text data: ``CacheDataset.itemlen`` measures the raw record dict, so batches follow file order);
+we pack examples into rows of ``--seq-len`` tokens. Ours also runs with half the rows, about
+mlx-lm's token count per step. Each measurement runs in a fresh process (so peak memory is its
+own), configurations alternate, and the table shows medians over ``--repeats`` runs of
+``--steps`` timed steps after ``--warmup`` untimed ones (compilation). Timings are reported per
+wall second and per CPU second (the latter is steadier on a shared machine).
+
+    python benchmarks/bench_lora.py                      # OpenBLAS preloaded (Linux CPU)
+    python benchmarks/bench_lora.py --blas plain         # MLX's bundled reference BLAS
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKISQL = SHARED / "data" / "wikisql"
+TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def make_model(folder: Path) -> Path:
+    """A 270M-shaped OpenELM folder with MLX's default random init, float32."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.config import ModelArgs
+    from mlx_openelm.folder import write_model_folder
+    from mlx_openelm.model import Model
+    from mlx_openelm.tokenizer import Tokenizer
+
+    mx.random.seed(0)
+    args = ModelArgs.from_preset("270M")
+    model = Model(args)
+    write_model_folder(
+        folder, args.to_dict(), tree_flatten(model.parameters()), Tokenizer(TOKENIZER)
+    )
+    return folder
+
+
+def mark(tokens: int) -> tuple[float, float, int]:
+    return time.perf_counter(), time.process_time(), tokens
+
+
+def marks_to_result(marks: list[tuple[float, float, int]], warmup: int, steps: int) -> dict:
+    """Throughput of steps ``warmup + 1 … warmup + steps``.
+
+    ``marks[i]`` = (wall time, CPU time, useful tokens) when step i + 1 ended; ``warmup ≥ 1``.
+    """
+    window = marks[warmup - 1 : warmup + steps]
+    wall, cpu = window[-1][0] - window[0][0], window[-1][1] - window[0][1]
+    tokens = sum(t for _, _, t in window[1:])
+    return {
+        "tokens": tokens,
+        "tokens_per_second": tokens / wall,
+        "tokens_per_cpu_second": tokens / cpu,
+    }
+
+
+def run_ours(model_dir: Path, a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+
+    from mlx_openelm.loading import load
+    from mlx_openelm.lora import AdapterSpec, StepReport, TrainConfig, train
+    from mlx_openelm.lora.data import load_datasets
+
+    model, tok = load(model_dir)
+    data = load_datasets(tok, data_dir=WIKISQL, max_seq_len=a.seq_len)
+    spec = AdapterSpec(rank=a.rank, alpha=a.alpha)
+    config = TrainConfig(iters=a.warmup + a.steps, batch_size=a.batch_size, max_seq_len=a.seq_len,
+                         pack=True, optimizer="adam", learning_rate=1e-5,
+                         val_every=10**9, save_every=10**9)  # fmt: skip
+    marks: list[tuple[float, float, int]] = []
+
+    def on_event(e: object) -> None:
+        if isinstance(e, StepReport):
+            marks.append(mark(e.tokens))
+
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        train(model, data.train, None, spec, config, Path(tmp) / "a", callback=on_event)
+    peak = mx.get_peak_memory()
+    return {**marks_to_result(marks, a.warmup, a.steps), "peak": peak}
+
+
+def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
+    import types
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tok = load(str(model_dir))
+    train_set, _, _ = load_local_dataset(WIKISQL, tok, types.SimpleNamespace(mask_prompt=False))
+    model.freeze()
+    params = {"rank": a.rank, "scale": a.alpha / a.rank, "dropout": 0.0}
+    linear_to_lora_layers(model, len(model.layers), params)
+    starts: list[tuple[float, float, int]] = []
+
+    def counting_batches(*args, **kwargs):
+        for batch, lengths in iterate_batches(*args, **kwargs):
+            useful = int((lengths[:, 1] - 1).sum().item())  # non-padding input positions
+            starts.append(mark(useful))
+            yield batch, lengths
+
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=a.batch_size, iters=a.warmup + a.steps + 1,
+                            steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9,
+                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            train(model, optim.Adam(learning_rate=1e-5), CacheDataset(train_set), None, args,
+                  iterate_batches=counting_batches)  # fmt: skip
+    peak = mx.get_peak_memory()
+    # starts[k] is taken when step k + 1 starts, i.e. when step k ends.
+    ends = [(*starts[k][:2], starts[k - 1][2]) for k in range(1, len(starts))]
+    return {**marks_to_result(ends, a.warmup, a.steps), "peak": peak}
+
+
+def worker(a: argparse.Namespace) -> None:
+    run = run_ours if a.worker == "ours" else run_mlx_lm
+    result = run(Path(a.model), a)
+    Path(a.out).write_text(json.dumps(result))
+
+
+def spawn(kind: str, batch_size: int, model_dir: Path, a: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    if a.blas == "openblas":
+        env["LD_PRELOAD"] = OPENBLAS
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model_dir),
+               "--out", f.name, "--batch-size", str(batch_size), "--rank", str(a.rank),
+               "--alpha", str(a.alpha), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
+               "--warmup", str(a.warmup)]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
+        return json.loads(Path(f.name).read_text())
+
+
+def configs(a: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(label, trainer, batch size): mlx-lm, ours with as many rows, ours with half the rows."""
+    half = max(a.batch_size // 2, 1)
+    return [
+        (f"mlx-lm, batch {a.batch_size} (padded)", "mlx-lm", a.batch_size),
+        (f"ours, batch {a.batch_size} x {a.seq_len} packed", "ours", a.batch_size),
+        (f"ours, batch {half} x {a.seq_len} packed", "ours", half),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--seq-len", type=int, default=256, help="our packed row length")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--blas", choices=["openblas", "plain"], default="openblas")
+    p.add_argument("--model", help="model folder to reuse (written there if missing)")
+    p.add_argument("--worker", choices=["ours", "mlx-lm"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    if not (WIKISQL / "train.jsonl").is_file() or not TOKENIZER.is_file():
+        sys.exit(f"needs {WIKISQL} and {TOKENIZER}")
+    if a.blas == "openblas" and not Path(OPENBLAS).is_file():
+        sys.exit(f"OpenBLAS not at {OPENBLAS}; use --blas plain")
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs(a)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(a.model or Path(tmp) / "openelm-270M-random")
+        if not (model_dir / "config.json").is_file():
+            make_model(model_dir)
+        for r in range(a.repeats):
+            order = configs(a) if r % 2 == 0 else configs(a)[::-1]  # alternate who goes first
+            for label, kind, batch_size in order:
+                runs[label].append(spawn(kind, batch_size, model_dir, a))
+                last = runs[label][-1]
+                print(f"  run {r + 1}: {label:<28} {last['tokens_per_second']:6.1f} tok/s "
+                      f"{last['tokens_per_cpu_second']:6.1f} tok/cpu-s "
+                      f"{last['peak'] / 2**30:5.2f} GiB", flush=True)  # fmt: skip
+    report(runs, a)
+
+
+def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> None:
+    def median(label: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[label])
+
+    base = configs(a)[0][0]
+    print(
+        f"\nWikiSQL train, OpenELM-270M shape (random), fp32, LoRA r={a.rank} on all 16 layers, "
+        f"BLAS: {a.blas}; medians of {a.repeats} runs x {a.steps} steps after {a.warmup}"
+    )
+    print("| trainer | useful tok/s | tok / CPU-s | peak GiB | tok/s vs mlx-lm | peak vs mlx-lm |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label in runs:
+        tps, cps, peak = (median(label, k) for k in ("tokens_per_second",
+                                                    "tokens_per_cpu_second", "peak"))  # fmt: skip
+        speed = tps / median(base, "tokens_per_second")
+        memory = peak / median(base, "peak")
+        print(f"| {label} | {tps:.1f} | {cps:.1f} | {peak / 2**30:.2f} | {speed:.2f}x "
+              f"| {memory:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
