@@ -30,6 +30,13 @@ from mlx_openelm.evaluate import _continuation_logprobs
 from mlx_openelm.model import Model
 
 
+def blas_line() -> str:
+    from mlx_openelm.doctor import blas_info
+
+    info = blas_info()
+    return info.kind + (f" ({info.core} kernels)" if info.core else "")
+
+
 def padded(model, context: list[int], conts: list[list[int]]) -> list[float]:
     rows = [context + c for c in conts]
     longest = max(len(r) for r in rows)
@@ -92,8 +99,8 @@ def main() -> None:
     intro = (
         f"{machine_line()}\n\nRandom-weight OpenELM-{a.preset} fp32, {a.q} questions with a "
         f"{a.context}-token context and 4 choices of {a.choice - 3}-{a.choice} tokens, medians of "
-        f"{a.n} rounds (`python benchmarks/bench_choice.py`); all three give the same "
-        "log-likelihoods (rtol 1e-4).\n\n"
+        f"{a.n} rounds (`python benchmarks/bench_choice.py`), BLAS: {blas_line()}; all three "
+        "give the same log-likelihoods (rtol 1e-4).\n\n"
     )
     print(table)
     if a.write:

@@ -274,7 +274,7 @@ def format_report(r: Mapping[str, Any]) -> str:
             lines.append(f"{'OPENBLAS_CORETYPE':<{W}} {r['OPENBLAS_CORETYPE']}")
     if r.get("fix"):
         lines += ["", r["fix_reason"], *(f"    {c}" for c in r["fix"])]
-        lines.append("or add --fast-blas to an mlx-openelm command to restart it that way.")
+        lines.append("or pass --fast-blas (eval, bench, doctor) to restart a command that way.")
     return "\n".join(lines)
 
 

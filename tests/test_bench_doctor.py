@@ -70,7 +70,8 @@ def test_no_eos_wrapper(tiny_model_dir):
 
 def test_measure_bandwidth_is_positive():
     bw = measure_bandwidth(megabytes=8, repeats=1)
-    assert bw["read"] > 0 and bw["copy"] > 0
+    assert bw["copy"] > 0 and bw["sum"] > 0 and bw["gemv"] > 0
+    assert bw["read"] == max(bw["sum"], bw["gemv"], bw.get("parallel_sum", 0.0))
 
 
 def test_bench_library_runs_both_rows(tiny_model_dir):
