@@ -41,6 +41,7 @@ from .generate import (
     stream_generate,
     validate_options,
 )
+from .prompt_cache import common_prefix_length
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
@@ -226,7 +227,7 @@ class ChatSession:
         """Trim the cache to its longest prefix of ``tokens`` (leaving one to run); its length."""
         if self._cache is None:
             self._forget_cache()
-        n = _common_prefix(self._ids[: self._in_cache], tokens)
+        n = common_prefix_length(self._ids[: self._in_cache], tokens)
         n = min(n, len(tokens) - 1)  # the last prompt token must run to give the next logits
         if n < self._in_cache:
             if can_trim_prompt_cache(self._cache):
@@ -298,15 +299,6 @@ class ChatSession:
                 return
             c.trim(c.offset - n)
         self._in_cache = n
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _num_turns(history: list[dict[str, str]]) -> int:
