@@ -106,6 +106,7 @@ def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
 
     import mlx.core as mx
     import mlx.optimizers as optim
+    import numpy as np
     from mlx_lm import load
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
     from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
@@ -124,6 +125,7 @@ def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
             starts.append(mark(useful))
             yield batch, lengths
 
+    np.random.seed(0)  # mlx-lm draws its batch order from NumPy's global generator
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(batch_size=a.batch_size, iters=a.warmup + a.steps + 1,
@@ -144,26 +146,28 @@ def worker(a: argparse.Namespace) -> None:
     Path(a.out).write_text(json.dumps(result))
 
 
-def spawn(kind: str, batch_size: int, model_dir: Path, a: argparse.Namespace) -> dict:
+def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse.Namespace) -> dict:
     env = dict(os.environ)
     if a.blas == "openblas":
         env["LD_PRELOAD"] = OPENBLAS
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model_dir),
                "--out", f.name, "--batch-size", str(batch_size), "--rank", str(a.rank),
-               "--alpha", str(a.alpha), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
+               "--alpha", str(a.alpha), "--seq-len", str(seq_len), "--steps", str(a.steps),
                "--warmup", str(a.warmup)]  # fmt: skip
         subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
         return json.loads(Path(f.name).read_text())
 
 
-def configs(a: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(label, trainer, batch size): mlx-lm, ours with as many rows, ours with half the rows."""
-    half = max(a.batch_size // 2, 1)
+def configs(a: argparse.Namespace) -> list[tuple[str, str, int, int]]:
+    """(label, trainer, batch size, row length): mlx-lm; ours with as many rows; ours with about
+    mlx-lm's tokens per step as half the rows, or as one row twice as long (fuller rows)."""
+    b, s = a.batch_size, a.seq_len
     return [
-        (f"mlx-lm, batch {a.batch_size} (padded)", "mlx-lm", a.batch_size),
-        (f"ours, batch {a.batch_size} x {a.seq_len} packed", "ours", a.batch_size),
-        (f"ours, batch {half} x {a.seq_len} packed", "ours", half),
+        (f"mlx-lm, batch {b} (padded)", "mlx-lm", b, s),
+        (f"ours, batch {b} x {s} packed", "ours", b, s),
+        (f"ours, batch {max(b // 2, 1)} x {s} packed", "ours", max(b // 2, 1), s),
+        (f"ours, batch {max(b // 4, 1)} x {2 * s} packed", "ours", max(b // 4, 1), 2 * s),
     ]
 
 
@@ -173,7 +177,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--seq-len", type=int, default=256, help="our packed row length")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--blas", choices=["openblas", "plain"], default="openblas")
@@ -187,20 +191,50 @@ def main() -> None:
         sys.exit(f"needs {WIKISQL} and {TOKENIZER}")
     if a.blas == "openblas" and not Path(OPENBLAS).is_file():
         sys.exit(f"OpenBLAS not at {OPENBLAS}; use --blas plain")
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs(a)}
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in configs(a)}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(a.model or Path(tmp) / "openelm-270M-random")
         if not (model_dir / "config.json").is_file():
             make_model(model_dir)
         for r in range(a.repeats):
             order = configs(a) if r % 2 == 0 else configs(a)[::-1]  # alternate who goes first
-            for label, kind, batch_size in order:
-                runs[label].append(spawn(kind, batch_size, model_dir, a))
+            for label, kind, batch_size, seq_len in order:
+                runs[label].append(spawn(kind, batch_size, seq_len, model_dir, a))
                 last = runs[label][-1]
-                print(f"  run {r + 1}: {label:<28} {last['tokens_per_second']:6.1f} tok/s "
+                print(f"  run {r + 1}: {label:<30} {last['tokens_per_second']:6.1f} tok/s "
                       f"{last['tokens_per_cpu_second']:6.1f} tok/cpu-s "
                       f"{last['peak'] / 2**30:5.2f} GiB", flush=True)  # fmt: skip
     report(runs, a)
+
+
+def padding_efficiency(a: argparse.Namespace) -> dict[str, float]:
+    """Useful / computed positions over one epoch of the train set, per configuration."""
+    import numpy as np
+
+    from mlx_openelm.lora.batching import epoch_order, make_batch, plan_rows
+    from mlx_openelm.lora.data import encode_file
+    from mlx_openelm.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER)
+    out = {}
+    for label, kind, b, s in configs(a):
+        examples = encode_file(
+            WIKISQL / "train.jsonl", tok, 2048 if kind == "mlx-lm" else s
+        ).examples
+        useful = computed = 0
+        if kind == "mlx-lm":  # file order (see the module docstring), padded to 32k + 1
+            n = np.array([len(e.tokens) for e in examples])
+            for i in range(0, len(n) - b + 1, b):
+                useful += int((n[i : i + b] - 1).sum())
+                computed += b * 32 * -(-int(n[i : i + b].max()) // 32)
+        else:
+            rows = plan_rows(examples, s, pack=True)
+            order = epoch_order(len(rows), 0, 0)
+            for i in range(0, len(rows) - b + 1, b):
+                batch = make_batch(examples, [rows[j] for j in order[i : i + b]], s, True)
+                useful, computed = useful + batch.num_tokens, computed + batch.inputs.size
+        out[label] = useful / computed
+    return out
 
 
 def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> None:
@@ -212,15 +246,21 @@ def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> None:
         f"\nWikiSQL train, OpenELM-270M shape (random), fp32, LoRA r={a.rank} on all 16 layers, "
         f"BLAS: {a.blas}; medians of {a.repeats} runs x {a.steps} steps after {a.warmup}"
     )
-    print("| trainer | useful tok/s | tok / CPU-s | peak GiB | tok/s vs mlx-lm | peak vs mlx-lm |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    vs = "vs mlx-lm"
+    efficiency = padding_efficiency(a)
+    print(f"| trainer | useful/computed | useful tok/s | {vs} | useful tok / CPU-s | {vs} "
+          f"| peak GiB | {vs} |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in runs:
-        tps, cps, peak = (median(label, k) for k in ("tokens_per_second",
-                                                    "tokens_per_cpu_second", "peak"))  # fmt: skip
-        speed = tps / median(base, "tokens_per_second")
-        memory = peak / median(base, "peak")
-        print(f"| {label} | {tps:.1f} | {cps:.1f} | {peak / 2**30:.2f} | {speed:.2f}x "
-              f"| {memory:.2f}x |")  # fmt: skip
+        cells = []
+        for key, fmt in (
+            ("tokens_per_second", ".1f"),
+            ("tokens_per_cpu_second", ".1f"),
+            ("peak", ".2f"),
+        ):
+            value, ratio = median(label, key), median(label, key) / median(base, key)
+            cells += [f"{value / (2**30 if key == 'peak' else 1):{fmt}}", f"{ratio:.2f}x"]
+        print(f"| {label} | {efficiency[label]:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
