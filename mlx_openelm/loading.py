@@ -183,13 +183,10 @@ def load_adapters(model: Model, adapter_path: str | Path) -> Model:
     """Apply LoRA/DoRA adapters saved in mlx-lm's layout (``adapters.safetensors`` + config)."""
     from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
+    from .lora.adapters import read_adapter_config
+
     adapter_path = Path(adapter_path)
-    for name in ("adapter_config.json", "adapters.safetensors"):
-        if not (adapter_path / name).is_file():
-            raise AdapterError(
-                f"{adapter_path} is not an adapter folder: {name} is missing "
-                "(train one with `mlx-openelm lora`)"
-            )
+    read_adapter_config(adapter_path)  # files present, JSON valid, the fields mlx-lm reads
     try:
         model = _mlx_lm_load_adapters(model, str(adapter_path))
     except ValueError as e:  # mlx-lm reports shape/name mismatches as ValueError

@@ -185,3 +185,20 @@ def test_adapters_for_another_model_shape_name_the_tensor(tiny_model_dir, lora_d
         load(other, adapter_path=lora_dir)
     assert "transformer.layers.1.attn.qkv_proj.lora_a" in str(e.value)
     assert "\n" not in str(e.value)  # one line for the CLI
+
+
+def test_unreadable_adapter_folders_are_adapter_errors(tiny_model_dir, lora_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
+        load(tiny_model_dir, adapter_path=tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_dir, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    del config["lora_parameters"]["scale"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="lora_parameters needs 'rank' and 'scale'"):
+        load(tiny_model_dir, adapter_path=broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="is not valid JSON"):
+        load(tiny_model_dir, adapter_path=broken)
