@@ -8,11 +8,17 @@ Both sides get the same model folder, the same Llama-2 tokenization of ``../shar
 (``scale = alpha / rank`` on both), Adam at the same learning rate and ``--batch-size``
 sequences per step. mlx-lm pads each batch to a multiple of 32 (its length sort is a no-op for
 text data: ``CacheDataset.itemlen`` measures the raw record dict, so batches follow file order);
-we pack examples into rows of ``--seq-len`` tokens. Ours also runs with half the rows, about
-mlx-lm's token count per step. Each measurement runs in a fresh process (so peak memory is its
+we pack examples into rows of ``--seq-len`` tokens.
+
+Rows: mlx-lm as shipped (it empties MLX's buffer cache after every step); mlx-lm keeping the
+cache, as ours does (``fastmath.use_buffer_cache``) — to show how much of the gap that setting
+alone is; ours with as many rows; ours with half the rows (about mlx-lm's tokens per step, hence
+its memory); and that again with MLX's own ``exp`` (``MLX_OPENELM_FAST_MATH=0``) — to show what
+the CPU polynomial exp is worth. Each measurement runs in a fresh process (so peak memory is its
 own), configurations alternate, and the table shows medians over ``--repeats`` runs of
 ``--steps`` timed steps after ``--warmup`` untimed ones (compilation). Timings are reported per
-wall second and per CPU second (the latter is steadier on a shared machine).
+wall second and per CPU second (the latter is steadier on a shared machine). "peak" is MLX's
+peak of live arrays (``mx.get_peak_memory``); "max RSS" is the process's, cache included.
 
     python benchmarks/bench_lora.py                      # OpenBLAS preloaded (Linux CPU)
     python benchmarks/bench_lora.py --blas plain         # MLX's bundled reference BLAS
@@ -126,11 +132,16 @@ def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
             yield batch, lengths
 
     np.random.seed(0)  # mlx-lm draws its batch order from NumPy's global generator
+    keep = {}
+    if a.worker == "mlx-lm-cache":  # what our allocator setting would give mlx-lm
+        mx.set_cache_limit(mx.get_memory_limit())
+        keep = {"clear_cache_threshold": 2**62}
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(batch_size=a.batch_size, iters=a.warmup + a.steps + 1,
                             steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9,
-                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
+                            adapter_file=str(Path(tmp) / "adapters.safetensors"),
+                            **keep)  # fmt: skip
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             train(model, optim.Adam(learning_rate=1e-5), CacheDataset(train_set), None, args,
                   iterate_batches=counting_batches)  # fmt: skip
@@ -141,15 +152,25 @@ def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
 
 
 def worker(a: argparse.Namespace) -> None:
-    run = run_ours if a.worker == "ours" else run_mlx_lm
+    import resource
+
+    run = run_ours if a.worker.startswith("ours") else run_mlx_lm
     result = run(Path(a.model), a)
+    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     Path(a.out).write_text(json.dumps(result))
 
 
 def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse.Namespace) -> dict:
     env = dict(os.environ)
-    if a.blas == "openblas":
+    if kind == "ours-mlx-exp":
+        env["MLX_OPENELM_FAST_MATH"] = "0"
+    if a.blas == "openblas":  # what --fast-blas does: preload, and name the kernels if needed
+        from mlx_openelm.doctor import coretype_hint, cpu_flags, openblas_corename
+
         env["LD_PRELOAD"] = OPENBLAS
+        coretype = coretype_hint(openblas_corename(), cpu_flags())
+        if coretype and not env.get("OPENBLAS_CORETYPE"):
+            env["OPENBLAS_CORETYPE"] = coretype
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model_dir),
                "--out", f.name, "--batch-size", str(batch_size), "--rank", str(a.rank),
@@ -160,14 +181,16 @@ def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse
 
 
 def configs(a: argparse.Namespace) -> list[tuple[str, str, int, int]]:
-    """(label, trainer, batch size, row length): mlx-lm; ours with as many rows; ours with about
-    mlx-lm's tokens per step as half the rows, or as one row twice as long (fuller rows)."""
-    b, s = a.batch_size, a.seq_len
+    """(label, worker, batch size, row length): mlx-lm as shipped; mlx-lm keeping MLX's buffer
+    cache as ours does; ours with as many rows; ours with half the rows (about mlx-lm's tokens
+    per step); that again with MLX's own exp (``MLX_OPENELM_FAST_MATH=0``)."""
+    b, s, h = a.batch_size, a.seq_len, max(a.batch_size // 2, 1)
     return [
         (f"mlx-lm, batch {b} (padded)", "mlx-lm", b, s),
+        (f"mlx-lm, batch {b}, buffer cache kept", "mlx-lm-cache", b, s),
         (f"ours, batch {b} x {s} packed", "ours", b, s),
-        (f"ours, batch {max(b // 2, 1)} x {s} packed", "ours", max(b // 2, 1), s),
-        (f"ours, batch {max(b // 4, 1)} x {2 * s} packed", "ours", max(b // 4, 1), 2 * s),
+        (f"ours, batch {h} x {s} packed", "ours", h, s),
+        (f"ours, batch {h} x {s}, MLX exp", "ours-mlx-exp", h, s),
     ]
 
 
@@ -182,7 +205,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--blas", choices=["openblas", "plain"], default="openblas")
     p.add_argument("--model", help="model folder to reuse (written there if missing)")
-    p.add_argument("--worker", choices=["ours", "mlx-lm"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "ours-mlx-exp", "mlx-lm", "mlx-lm-cache"],
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -203,7 +227,8 @@ def main() -> None:
                 last = runs[label][-1]
                 print(f"  run {r + 1}: {label:<30} {last['tokens_per_second']:6.1f} tok/s "
                       f"{last['tokens_per_cpu_second']:6.1f} tok/cpu-s "
-                      f"{last['peak'] / 2**30:5.2f} GiB", flush=True)  # fmt: skip
+                      f"{last['peak'] / 2**30:5.2f} GiB {last['rss'] / 2**30:5.2f} GiB RSS",
+                      flush=True)  # fmt: skip
     report(runs, a)
 
 
@@ -219,10 +244,10 @@ def padding_efficiency(a: argparse.Namespace) -> dict[str, float]:
     out = {}
     for label, kind, b, s in configs(a):
         examples = encode_file(
-            WIKISQL / "train.jsonl", tok, 2048 if kind == "mlx-lm" else s
+            WIKISQL / "train.jsonl", tok, 2048 if kind.startswith("mlx-lm") else s
         ).examples
         useful = computed = 0
-        if kind == "mlx-lm":  # file order (see the module docstring), padded to 32k + 1
+        if kind.startswith("mlx-lm"):  # file order (see the module docstring), padded to 32k + 1
             n = np.array([len(e.tokens) for e in examples])
             for i in range(0, len(n) - b + 1, b):
                 useful += int((n[i : i + b] - 1).sum())
@@ -249,8 +274,8 @@ def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> None:
     vs = "vs mlx-lm"
     efficiency = padding_efficiency(a)
     print(f"| trainer | useful/computed | useful tok/s | {vs} | useful tok / CPU-s | {vs} "
-          f"| peak GiB | {vs} |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"| peak GiB | {vs} | max RSS GiB |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in runs:
         cells = []
         for key, fmt in (
@@ -260,6 +285,7 @@ def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> None:
         ):
             value, ratio = median(label, key), median(label, key) / median(base, key)
             cells += [f"{value / (2**30 if key == 'peak' else 1):{fmt}}", f"{ratio:.2f}x"]
+        cells.append(f"{median(label, 'rss') / 2**30:.2f}")
         print(f"| {label} | {efficiency[label]:.3f} | " + " | ".join(cells) + " |")
 
 

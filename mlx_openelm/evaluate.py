@@ -27,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import fastmath
 from .errors import DataError
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -165,7 +166,7 @@ def _windows_nll(model: Any, windows: list[list[int]], first: list[int]) -> list
     """Summed NLL of each window's targets; windows share one length. ``first`` is relative."""
     tokens = mx.array(windows)  # (B, L)
     logits = model(tokens[:, :-1]).astype(mx.float32)  # (B, L-1, V): position i predicts i+1
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logp = logits - fastmath.logsumexp(logits)[..., None]
     target_logp = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, L-1)
     is_target = mx.arange(tokens.shape[1] - 1)[None] >= (mx.array(first)[:, None] - 1)
     nll = -(target_logp * is_target).sum(axis=-1)
@@ -255,7 +256,7 @@ def _continuation_logprobs(model: Any, context: list[int], conts: list[list[int]
     """Summed log-probability of each continuation after ``context``; context runs once."""
     cache = make_prompt_cache(model)
     first = model(mx.array([context]), cache=cache)[:, -1].astype(mx.float32)  # (1, V)
-    first = first - mx.logsumexp(first, axis=-1, keepdims=True)
+    first = first - fastmath.logsumexp(first)[..., None]
     heads = mx.array([c[0] for c in conts])
     scores = first[0][heads]  # (C,): log p(first token of each choice | context)
     longest = max(len(c) for c in conts)
@@ -266,7 +267,7 @@ def _continuation_logprobs(model: Any, context: list[int], conts: list[list[int]
         pad = [c + [0] * (longest - len(c)) for c in conts]
         tokens = mx.array(pad)  # (C, longest)
         logits = model(tokens[:, :-1], cache=batched).astype(mx.float32)  # (C, longest-1, V)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logp = logits - fastmath.logsumexp(logits)[..., None]
         rest = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
         real = mx.arange(longest - 1)[None] < (mx.array([len(c) for c in conts])[:, None] - 1)
         scores = scores + (rest * real).sum(axis=-1)

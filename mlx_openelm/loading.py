@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import fastmath
 from .config import ModelArgs
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
 from .model import Model
@@ -167,6 +168,7 @@ def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str,
     folder = Path(folder)
     config = load_config(folder)
     args = ModelArgs.from_dict(config)
+    fastmath.use_buffer_cache()
     model = Model(args)
     weights = model.sanitize(load_weights(folder))
     if args.quantization:

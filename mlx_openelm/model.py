@@ -7,7 +7,9 @@ input/output embeddings. Every layer has its own head count and FFN width (layer
 Each norm, the rotary embedding and the attention run as one fused MLX kernel
 (``mx.fast.rms_norm`` via ``nn.RMSNorm``, ``mx.fast.rope``,
 ``mx.fast.scaled_dot_product_attention``): the OpenELM paper found
-an unfused RMSNorm (113 of them in 1_1B) dominated its inference time.
+an unfused RMSNorm (113 of them in 1_1B) dominated its inference time. On MLX's CPU backend, whose
+``exp`` is slow, float32 attention over several queries and the SwiGLU gate use ``fastmath``'s
+polynomial exp instead (same numbers to ~1e-7; see that module).
 
 Parameter names match Apple's Hugging Face checkpoints (``transformer.layers.N.attn.qkv_proj`` …),
 which is also what ``mlx_lm.models.openelm`` expects, so a folder loads in either.
@@ -19,9 +21,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
+from . import fastmath
 from .config import ModelArgs
 
 __all__ = ["Model", "ModelArgs"]
@@ -60,8 +62,11 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, offset + L, hd)
-        # GQA without repeating k/v: the fused kernel maps n_q / n_kv query heads to each kv head.
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        # GQA without repeating k/v: n_q / n_kv query heads share each kv head.
+        if not hasattr(cache, "bits"):  # the fused kernel, or on the CPU a faster exp (fastmath)
+            out = fastmath.attention(q, k, v, self.scale, mask)
+        else:  # mlx-lm's helper handles quantized KV caches
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_q * self.head_dim)  # (B, L, n_q·hd)
         return self.out_proj(out)
 
@@ -78,8 +83,8 @@ class MLP(nn.Module):
         h = self.proj_1(x)  # (B, L, 2·hidden): [gate | up]
         if self.glu:
             gate, up = mx.split(h, 2, axis=-1)  # (B, L, hidden) each
-            return self.proj_2(swiglu(gate, up))  # silu(gate)·up, one compiled kernel
-        return self.proj_2(nn.silu(h))
+            return self.proj_2(fastmath.swiglu(gate, up))  # silu(gate)·up, one compiled kernel
+        return self.proj_2(fastmath.silu(h))
 
 
 class TransformerBlock(nn.Module):

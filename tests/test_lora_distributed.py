@@ -81,7 +81,10 @@ def test_two_processes_match_one_process_with_the_whole_batch(
     one = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     both = mx.load(str(two / "adapters.safetensors"))
     for name, w in one.items():
-        np.testing.assert_allclose(np.array(both[name]), np.array(w), rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): rounding in a near-zero gradient component (the two runs sum
+        # in another order) moves that entry by ~1e-6; a wrong reduction moves all by ~lr.
+        err = np.abs(np.array(both[name]) - np.array(w)).max()
+        assert err <= 1e-3 * np.abs(np.array(w)).max(), name
     assert (
         json.loads((two / "checkpoint" / "state.json").read_text())["identity"]["hyperparameters"][
             "processes"

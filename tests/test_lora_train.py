@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm.folder import write_model_folder
 from mlx_openelm.loading import load
-from mlx_openelm.lora import AdapterSpec, StepReport, TrainConfig, finetune
+from mlx_openelm.lora import AdapterSpec, StepReport, TrainConfig, compute, finetune
 from mlx_openelm.lora.adapters import apply_adapters, save_adapters
 from mlx_openelm.lora.batching import make_batch, plan_rows
-from mlx_openelm.lora.compute import batch_arrays, evaluate, loss_sums
+from mlx_openelm.lora.compute import batch_arrays, evaluate, frozen_head_weight, loss_sums
 from mlx_openelm.lora.data import encode_file
 from mlx_openelm.lora.metrics import read_metrics
 from mlx_openelm.lora.optim import make_schedule
@@ -114,6 +114,41 @@ def test_schedules():
     linear = make_schedule("linear", 2.0, 4)
     assert [linear(mx.array(s)).item() for s in range(4)] == pytest.approx([2, 1.5, 1, 0.5])
     assert make_schedule("constant", 3.0, 4)(mx.array(3)).item() == pytest.approx(3.0)
+
+
+def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir, data_dir, monkeypatch):
+    model, tok = load(tiny_model_dir)
+    apply_adapters(model, AdapterSpec(rank=4))
+    randomize_adapters(model)
+    head = frozen_head_weight(model)
+    assert head is model.transformer.token_embeddings.weight
+    monkeypatch.setattr(compute, "HEAD_CHUNK", head.shape[0] * 5)  # 5 tokens a piece, ragged
+    examples = encode_file(data_dir / "train.jsonl", tok, 128).examples[:8]
+    batch = batch_arrays(make_batch(examples, plan_rows(examples, 128, True), 128, True))
+
+    def run(fused: bool):
+        loss = nn.value_and_grad(model, lambda *a: loss_sums(*a, fused_head=fused))
+        (total, count), grads = loss(model, *batch)
+        return total.item(), count.item(), dict(tree_flatten(grads))
+
+    fused, plain = run(True), run(False)
+    assert fused[1] == plain[1]
+    assert fused[0] == pytest.approx(plain[0], rel=1e-5)
+    for name, g in plain[2].items():
+        err = mx.abs(fused[2][name] - g).max() / mx.abs(g).max()
+        assert err.item() < 1e-4, name
+
+
+def test_fused_head_only_for_a_plain_frozen_head(tiny_model_dir):
+    model, _ = load(tiny_model_dir)
+    apply_adapters(model, AdapterSpec(rank=4))
+    assert frozen_head_weight(model) is not None
+    model.transformer.token_embeddings.unfreeze()  # trained embeddings need their gradient
+    assert frozen_head_weight(model) is None
+    model, _ = load(tiny_model_dir)
+    nn.quantize(model, group_size=32, bits=4)  # QLoRA: the head is quantized
+    apply_adapters(model, AdapterSpec(rank=4))
+    assert frozen_head_weight(model) is None
 
 
 @pytest.mark.parametrize("kind", ["dora", "full"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_openelm import fastmath
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.model import Model
 
@@ -27,6 +28,16 @@ def build(config: dict, weights: dict, dtype=mx.float32) -> Model:
 def logits_of(model: Model, tokens=TOKENS) -> np.ndarray:
     out = model(mx.array([tokens]))
     return np.array(out[0].astype(mx.float32))
+
+
+@pytest.fixture(autouse=True, params=["fast-exp", "mlx-exp"])
+def math_path(request, monkeypatch):
+    """Every test twice: the CPU polynomial exp forced on (even for these tiny arrays), and off."""
+    if request.param == "fast-exp":
+        monkeypatch.setattr(fastmath, "_MIN_SIZE", 0)
+    else:
+        monkeypatch.setenv("MLX_OPENELM_FAST_MATH", "0")
+    return request.param
 
 
 @pytest.fixture(scope="module")

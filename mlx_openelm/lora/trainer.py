@@ -27,6 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .. import fastmath
 from ..errors import ConfigError, DataError, TrainingError
 from .adapters import (
     ADAPTER_FILE,
@@ -400,6 +401,7 @@ def train(
         ConfigError, DataError, OutputExistsError: before anything is written.
         TrainingError: the loss became NaN/inf (the last checkpoint is kept).
     """
+    fastmath.use_buffer_cache()
     trainer = Trainer(
         model, train_set, valid_set, spec, config, adapter_path, base_model or {}, callback
     )
