@@ -521,8 +521,11 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
                     f"{s['trained_tokens']} trained; {s['truncated']} truncated, "
                     f"{s['dropped']} dropped"
                 )
+            rows = f"{event.rows} rows" + (
+                f" packed to {event.row_length} tokens" if event.row_length else ""
+            )
             progress.console.print(
-                f"{event.trainable_parameters / 1e6:.3f}M trainable parameters, "
+                f"{event.trainable_parameters / 1e6:.3f}M trainable parameters, {rows}, "
                 f"{event.steps_per_epoch} steps per epoch, {event.world_size} process(es)"
             )
             task.append(
@@ -602,8 +605,16 @@ def lora(
     ] = False,
     seed: SeedOpt = None,
     max_seq_len: Annotated[
-        int, typer.Option("--max-seq-len", help="Truncate examples; packed row length.")
+        int, typer.Option("--max-seq-len", help="Truncate longer examples to this many tokens.")
     ] = _TRAIN.max_seq_len,
+    pack_length: Annotated[
+        int | None,
+        typer.Option(
+            "--pack-length",
+            help="Packed row length in tokens [default: the longest example, rounded up to 32].",
+            show_default=False,
+        ),
+    ] = None,
     pack: Annotated[
         bool | None,
         typer.Option("--pack/--no-pack", help="Pack examples into rows (default: on for text)."),
@@ -651,7 +662,7 @@ def lora(
     config = TrainConfig(
         iters, epochs, batch_size, grad_accum, learning_rate, lr_schedule.value, warmup,
         optimizer.value, weight_decay, grad_clip, grad_checkpoint,
-        _TRAIN.seed if seed is None else seed, max_seq_len, pack,
+        _TRAIN.seed if seed is None else seed, max_seq_len, pack, pack_length,
         val_every, val_batches, save_every, keep_best, early_stop,
     )  # fmt: skip
     columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),

@@ -92,7 +92,7 @@ def run_ours(model_dir: Path, a: argparse.Namespace) -> dict:
     data = load_datasets(tok, data_dir=WIKISQL, max_seq_len=a.seq_len)
     spec = AdapterSpec(rank=a.rank, alpha=a.alpha)
     config = TrainConfig(iters=a.warmup + a.steps, batch_size=a.batch_size, max_seq_len=a.seq_len,
-                         pack=True, optimizer="adam", learning_rate=1e-5,
+                         pack=True, pack_length=a.seq_len, optimizer="adam", learning_rate=1e-5,
                          val_every=10**9, save_every=10**9)  # fmt: skip
     marks: list[tuple[float, float, int]] = []
 

@@ -76,6 +76,16 @@ def test_lora_writes_the_adapter_folder(trained):
     assert bytes([31, 119, 180]) in raw  # the train curve's colour was drawn
 
 
+def test_rows_are_packed_to_the_longest_example(trained):
+    config = json.loads((trained / "adapter_config.json").read_text())
+    # 4-24 words of tiny-tokenizer text: the longest example decides (rounded up to 32), not
+    # --max-seq-len 64, unless that is shorter.
+    assert config["training"]["pack"] is True
+    assert config["training"]["pack_length"] in (32, 64)
+    state = json.loads((trained / "checkpoint" / "state.json").read_text())
+    assert state["identity"]["hyperparameters"]["pack_length"] == config["training"]["pack_length"]
+
+
 def test_plot_command(trained, tmp_path):
     result = runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
@@ -113,6 +123,11 @@ def test_fuse_and_peft_commands(tiny_model_dir, trained, tmp_path):
         ),
         ({"train.jsonl": '{"text": "hello world"}\n'}, ["--batch-size", "4"], "larger than"),
         ({"train.jsonl": '{"text": "hello world"}\n'}, ["--rank", "0"], "--rank must be"),
+        (
+            {"train.jsonl": '{"text": "hello world, hello world, hello world"}\n' * 4},
+            ["--pack-length", "4"],
+            "--pack-length 4 is shorter than the longest training example",
+        ),
         ({"train.jsonl": '{"text": "hello world"}\n'}, ["--targets", "q_proj"], "'q_proj'"),
     ],
 )

@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     max_seq_len: int = 2048
     pack: bool | None = None  # None: pack text data, not chat/completions
+    pack_length: int | None = None  # packed row length; None: the longest example (÷32)
     val_every: int = 100
     val_batches: int = -1
     save_every: int = 100
@@ -89,6 +90,7 @@ class StartReport:
     rows: int
     trainable_parameters: int
     world_size: int
+    row_length: int | None = None  # packed row length (None: one example per row)
 
 
 @dataclass(frozen=True)

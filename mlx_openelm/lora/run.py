@@ -81,8 +81,8 @@ def finetune(
         callback,
     )  # fmt: skip
     if datasets.test is not None:
-        pack = result.extra["pack"]
-        loss, tokens = evaluate(net, datasets.test, config.batch_size, config.max_seq_len, pack)
+        pack, capacity = result.extra["pack"], result.extra["capacity"]
+        loss, tokens = evaluate(net, datasets.test, config.batch_size, capacity, pack)
         ppl = math.exp(min(loss, 700.0))
         result.extra.update(test_loss=loss, test_ppl=ppl)
         if callback is not None and mx.distributed.init().rank() == 0:

@@ -37,7 +37,7 @@ from .adapters import (
     resolve_targets,
     save_adapters,
 )
-from .batching import Batch, epoch_order, make_batch, plan_rows
+from .batching import Batch, auto_pack_length, epoch_order, make_batch, plan_rows
 from .checkpoint import (
     CHECKPOINT_DIR,
     check_adapter_folder,
@@ -84,12 +84,16 @@ class Trainer:
         self.base_model = base_model
         if config.pack is None:
             config = replace(config, pack=train_set.format == "text")
+        if config.pack and config.pack_length is None:
+            length = auto_pack_length(train_set.examples, config.max_seq_len)
+            config = replace(config, pack_length=length)
         self.spec, self.cfg, self.path = spec, config, Path(adapter_path)
         self.world = mx.distributed.init()
         self.rank, self.size = self.world.rank(), self.world.size()
         self.callback = callback if self.rank == 0 else None
         self._check_config()
-        self.rows = plan_rows(train_set.examples, config.max_seq_len, config.pack)
+        self.capacity = config.pack_length if config.pack else config.max_seq_len
+        self.rows = plan_rows(train_set.examples, self.capacity, config.pack)
         self.batches_per_epoch = len(self.rows) // config.batch_size
         self.steps_per_epoch = self.batches_per_epoch // config.grad_accum
         self._check_sizes()
@@ -128,6 +132,15 @@ class Trainer:
             raise ConfigError("--iters / --epochs must be at least 1")
         if (cfg.keep_best or cfg.early_stop) and self.valid_set is None:
             raise ConfigError("--keep-best and --early-stop need validation data (valid.jsonl)")
+        if cfg.pack and cfg.pack_length < 1:
+            raise ConfigError(f"--pack-length must be at least 1, got {cfg.pack_length}")
+        longest = max((len(e.tokens) - 1 for e in self.train_set.examples), default=0)
+        if cfg.pack and cfg.pack_length < longest:
+            raise ConfigError(
+                f"--pack-length {cfg.pack_length} is shorter than the longest training example "
+                f"({longest} tokens); raise it, or truncate examples with --max-seq-len "
+                f"{cfg.pack_length}"
+            )
         if cfg.batch_size % self.size:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} must be divisible by the {self.size} processes"
@@ -140,8 +153,8 @@ class Trainer:
         raise DataError(
             f"--batch-size {self.cfg.batch_size} (× --grad-accum {self.cfg.grad_accum}) is larger "
             f"than the training data: {self.train_set.path} makes only {len(self.rows)} {what} "
-            f"of up to {self.cfg.max_seq_len} tokens; lower --batch-size"
-            + (" or --max-seq-len" if self.cfg.pack else "")
+            f"of up to {self.capacity} tokens; lower --batch-size"
+            + (" or --pack-length" if self.cfg.pack else "")
         )
 
     def _curve_settings(self) -> dict[str, Any]:
@@ -167,8 +180,7 @@ class Trainer:
         b = self.cfg.batch_size
         rows = [self.rows[i] for i in self._order(epoch)[k * b : (k + 1) * b]]
         batch = make_batch(
-            self.train_set.examples, rows[self.rank :: self.size], self.cfg.max_seq_len,
-            self.cfg.pack,
+            self.train_set.examples, rows[self.rank :: self.size], self.capacity, self.cfg.pack,
         )  # fmt: skip
         useful = sum(len(self.train_set.examples[i].tokens) - 1 for row in rows for i in row)
         return Batch(batch.inputs, batch.targets, batch.weights, batch.segments, useful)
@@ -275,11 +287,11 @@ class Trainer:
         grads_fn, update_fn = self._compile()
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         self._report(StartReport(
-            self.total, self.step, self.steps_per_epoch, len(self.rows), trainable, self.size
+            self.total, self.step, self.steps_per_epoch, len(self.rows), trainable, self.size,
+            self.cfg.pack_length if self.cfg.pack else None,
         ))  # fmt: skip
-        result = TrainResult(
-            self.path, self.total, extra={"pack": self.cfg.pack, "rank": self.rank}
-        )
+        extra = {"pack": self.cfg.pack, "capacity": self.capacity, "rank": self.rank}
+        result = TrainResult(self.path, self.total, extra=extra)
         self.model.train()
         if self.valid_set is not None and self.step == 0:
             self._validate()
@@ -323,7 +335,7 @@ class Trainer:
         """Validation loss now; keeps the best adapters; returns (loss, early-stop now)."""
         cfg = self.cfg
         loss, tokens = evaluate(
-            self.model, self.valid_set, cfg.batch_size, cfg.max_seq_len, cfg.pack, cfg.val_batches
+            self.model, self.valid_set, cfg.batch_size, self.capacity, cfg.pack, cfg.val_batches
         )
         improved = self.best is None or loss < self.best[0]
         if improved:
