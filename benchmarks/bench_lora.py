@@ -10,15 +10,16 @@ sequences per step. mlx-lm pads each batch to a multiple of 32 (its length sort 
 text data: ``CacheDataset.itemlen`` measures the raw record dict, so batches follow file order);
 we pack examples into rows of ``--seq-len`` tokens.
 
-Rows: mlx-lm as shipped (it empties MLX's buffer cache after every step); mlx-lm keeping the
-cache, as ours does (``fastmath.use_buffer_cache``) — to show how much of the gap that setting
-alone is; ours with as many rows; ours with half the rows (about mlx-lm's tokens per step, hence
-its memory); and that again with MLX's own ``exp`` (``MLX_OPENELM_FAST_MATH=0``) — to show what
-the CPU polynomial exp is worth. Each measurement runs in a fresh process (so peak memory is its
-own), configurations alternate, and the table shows medians over ``--repeats`` runs of
-``--steps`` timed steps after ``--warmup`` untimed ones (compilation). Timings are reported per
-wall second and per CPU second (the latter is steadier on a shared machine). "peak" is MLX's
-peak of live arrays (``mx.get_peak_memory``); "max RSS" is the process's, cache included.
+Rows: mlx-lm as shipped; mlx-lm with the glibc ``malloc`` settings ours applies to itself
+(``fastmath.keep_freed_memory``, given to mlx-lm as ``MALLOC_*`` variables) — to show how much of
+the gap that setting alone is; ours with as many rows; ours with half the rows (about mlx-lm's
+tokens per step, hence its memory); and that again with MLX's own ``exp``
+(``MLX_OPENELM_FAST_MATH=0``) — to show what the CPU polynomial exp is worth. Each measurement
+runs in a fresh process (so peak memory is its own), configurations alternate, and the table
+shows medians over ``--repeats`` runs of ``--steps`` timed steps after ``--warmup`` untimed ones
+(compilation). Timings are reported per wall second and per CPU second (the latter is steadier
+on a shared machine). "peak" is MLX's peak of live arrays (``mx.get_peak_memory``, what both
+trainers report); "max RSS" is the whole process's resident peak.
 
     python benchmarks/bench_lora.py                      # OpenBLAS preloaded (Linux CPU)
     python benchmarks/bench_lora.py --blas plain         # MLX's bundled reference BLAS
@@ -132,16 +133,11 @@ def run_mlx_lm(model_dir: Path, a: argparse.Namespace) -> dict:
             yield batch, lengths
 
     np.random.seed(0)  # mlx-lm draws its batch order from NumPy's global generator
-    keep = {}
-    if a.worker == "mlx-lm-cache":  # what our allocator setting would give mlx-lm
-        mx.set_cache_limit(mx.get_memory_limit())
-        keep = {"clear_cache_threshold": 2**62}
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(batch_size=a.batch_size, iters=a.warmup + a.steps + 1,
                             steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9,
-                            adapter_file=str(Path(tmp) / "adapters.safetensors"),
-                            **keep)  # fmt: skip
+                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             train(model, optim.Adam(learning_rate=1e-5), CacheDataset(train_set), None, args,
                   iterate_batches=counting_batches)  # fmt: skip
@@ -164,6 +160,8 @@ def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse
     env = dict(os.environ)
     if kind == "ours-mlx-exp":
         env["MLX_OPENELM_FAST_MATH"] = "0"
+    if kind == "mlx-lm-malloc":  # what fastmath.keep_freed_memory() sets in our process
+        env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
     if a.blas == "openblas":  # what --fast-blas does: preload, and name the kernels if needed
         from mlx_openelm.doctor import coretype_hint, cpu_flags, openblas_corename
 
@@ -181,13 +179,13 @@ def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse
 
 
 def configs(a: argparse.Namespace) -> list[tuple[str, str, int, int]]:
-    """(label, worker, batch size, row length): mlx-lm as shipped; mlx-lm keeping MLX's buffer
-    cache as ours does; ours with as many rows; ours with half the rows (about mlx-lm's tokens
+    """(label, worker, batch size, row length): mlx-lm as shipped; mlx-lm with our malloc
+    settings; ours with as many rows; ours with half the rows (about mlx-lm's tokens
     per step); that again with MLX's own exp (``MLX_OPENELM_FAST_MATH=0``)."""
     b, s, h = a.batch_size, a.seq_len, max(a.batch_size // 2, 1)
     return [
         (f"mlx-lm, batch {b} (padded)", "mlx-lm", b, s),
-        (f"mlx-lm, batch {b}, buffer cache kept", "mlx-lm-cache", b, s),
+        (f"mlx-lm, batch {b}, our malloc settings", "mlx-lm-malloc", b, s),
         (f"ours, batch {b} x {s} packed", "ours", b, s),
         (f"ours, batch {h} x {s} packed", "ours", h, s),
         (f"ours, batch {h} x {s}, MLX exp", "ours-mlx-exp", h, s),
@@ -205,7 +203,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--blas", choices=["openblas", "plain"], default="openblas")
     p.add_argument("--model", help="model folder to reuse (written there if missing)")
-    p.add_argument("--worker", choices=["ours", "ours-mlx-exp", "mlx-lm", "mlx-lm-cache"],
+    p.add_argument("--worker", choices=["ours", "ours-mlx-exp", "mlx-lm", "mlx-lm-malloc"],
                    help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -168,7 +168,7 @@ def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str,
     folder = Path(folder)
     config = load_config(folder)
     args = ModelArgs.from_dict(config)
-    fastmath.use_buffer_cache()
+    fastmath.keep_freed_memory()
     model = Model(args)
     weights = model.sanitize(load_weights(folder))
     if args.quantization:

@@ -4,6 +4,9 @@ gradients), keep the edge cases (±inf, NaN, fully masked rows), and step aside 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -159,12 +162,34 @@ def test_attention_matches_fused_kernel(mask_kind, L, S):
         assert close(ours_g, theirs_g) < 1e-4
 
 
-def test_buffer_cache_limit_raised_but_user_choice_kept():
-    default = mx.set_cache_limit(32 * 1024 * 1024)
-    try:
-        fastmath.use_buffer_cache()
-        assert mx.set_cache_limit(1 << 20) == mx.get_memory_limit()  # raised (and now 1 MiB)
-        fastmath.use_buffer_cache()
-        assert mx.set_cache_limit(1 << 20) == 1 << 20  # a limit someone chose is left alone
-    finally:
-        mx.set_cache_limit(default)
+_FAULTS = """
+import resource, sys
+import mlx.core as mx
+from mlx_openelm import fastmath
+applied = fastmath.keep_freed_memory() if sys.argv[1] == "tuned" else False
+x = mx.random.normal((2_000_000,))  # 8 MB
+def step():  # 24 temporaries alive at once: 192 MB, more than MLX's own 32 MB buffer cache
+    mx.eval([x + i for i in range(24)])
+for _ in range(2):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_freed_memory_stops_page_faults_on_reused_temporaries():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+        return out[0], int(out[1])
+
+    plain, tuned = faults("plain"), faults("tuned")
+    assert tuned[0] == "True"
+    assert plain[1] > 100_000  # glibc returned the memory: ~40,000 pages fault in every step
+    assert tuned[1] < 1_000  # kept and reused

@@ -413,7 +413,7 @@ def train(
         ConfigError, DataError, OutputExistsError: before anything is written.
         TrainingError: the loss became NaN/inf (the last checkpoint is kept).
     """
-    fastmath.use_buffer_cache()
+    fastmath.keep_freed_memory()
     trainer = Trainer(
         model, train_set, valid_set, spec, config, adapter_path, base_model or {}, callback
     )
