@@ -132,9 +132,13 @@ def _block_mask(B: int, L: int, S: int) -> mx.array:
 @pytest.mark.parametrize(
     "mask_kind, L, S",
     [("none", 6, 6), ("causal", 12, 12), ("causal", 3, 12), ("bool", 12, 12),
-     ("additive", 12, 12), ("per-head", 12, 12)],
+     ("additive", 12, 12), ("per-head", 12, 12), ("key-padding", 12, 12)],
 )  # fmt: skip
-def test_attention_matches_fused_kernel(mask_kind, L, S):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_attention_matches_fused_kernel(mask_kind, L, S, blocks, monkeypatch):
+    if blocks:  # queries in blocks of 5 (ragged)
+        monkeypatch.setattr(fastmath, "_ATTN_WHOLE", 0)
+        monkeypatch.setattr(fastmath, "_ATTN_CHUNK", 2 * 6 * S * 5)
     mx.random.seed(4)
     B, n_q, n_kv, D = 2, 6, 2, 16
     q = mx.random.normal((B, n_q, L, D))
@@ -145,6 +149,7 @@ def test_attention_matches_fused_kernel(mask_kind, L, S):
         "bool": _block_mask(B, L, S),
         "additive": mx.where(_block_mask(B, L, S), 0.0, -1e9),
         "per-head": mx.broadcast_to(_block_mask(B, L, S), (B, n_q, L, S)),
+        "key-padding": mx.arange(S)[None, None, None] < mx.array([S, S - 4])[:, None, None, None],
     }[mask_kind]
     ours = fastmath.attention(q, k, v, 0.25, mask)
     theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
