@@ -252,7 +252,8 @@ def padding_efficiency(a: argparse.Namespace) -> dict[str, float]:
                 computed += b * 32 * -(-int(n[i : i + b].max()) // 32)
         else:
             rows = plan_rows(examples, s, pack=True)
-            order = epoch_order(len(rows), 0, 0)
+            lengths = [sum(len(examples[i].tokens) - 1 for i in r) for r in rows]
+            order = epoch_order(len(rows), 0, 0, lengths, b)
             for i in range(0, len(rows) - b + 1, b):
                 batch = make_batch(examples, [rows[j] for j in order[i : i + b]], s, True)
                 useful, computed = useful + batch.num_tokens, computed + batch.inputs.size

@@ -77,9 +77,38 @@ def auto_pack_length(examples: Sequence[Example], max_seq_len: int) -> int:
     return max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len), longest)
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of an epoch: a pure function of (seed, epoch), so a resume can rebuild it."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+GROUP_BATCHES = 16  # batches per window whose rows are grouped by length
+
+
+def epoch_order(
+    num_rows: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """The row order of an epoch: a pure function of its arguments, so a resume can rebuild it.
+
+    A seeded shuffle; with ``lengths`` (tokens per row) and ``batch_size > 1`` the rows of each
+    window of ``GROUP_BATCHES`` batches are then sorted by length, cut into batches, and those
+    batches shuffled: a batch pads to its longest row, so similar rows together waste less
+    (WikiSQL, 2 packed rows of 256: 0.918 → 0.95 useful/computed). Only the last window can end
+    in a partial batch, which stays last (the trainer drops it).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_rows)
+    if lengths is None or batch_size <= 1:
+        return order
+    lengths = np.asarray(lengths)
+    span, out = batch_size * GROUP_BATCHES, []
+    for start in range(0, num_rows, span):
+        window = order[start : start + span]
+        window = window[np.argsort(lengths[window], kind="stable")]
+        full = len(window) // batch_size * batch_size
+        batches = window[:full].reshape(-1, batch_size)
+        out.extend(batches[rng.permutation(len(batches))].reshape(-1))
+        out.extend(window[full:])
+    return np.asarray(out, dtype=order.dtype)
 
 
 def make_batch(

@@ -1,9 +1,10 @@
 """The fine-tuning loop: packed batches, schedules, validation, checkpoints, resume, data parallel.
 
 Determinism (so ``--resume`` continues the *same* curve): the row order of epoch ``e`` is
-``epoch_order(rows, seed, e)``; the dropout stream of micro-batch ``m`` of step ``k`` is re-seeded
-from ``(seed, k, m, rank)``; the optimizer state (with its step counter, which drives the
-learning-rate schedule) is checkpointed. Step ``k`` depends only on checkpointed state.
+``epoch_order(rows, seed, e, row lengths, rows per step)``; the dropout stream of micro-batch
+``m`` of step ``k`` is re-seeded from ``(seed, k, m, rank)``; the optimizer state (with its step
+counter, which drives the learning-rate schedule) is checkpointed. Step ``k`` depends only on
+checkpointed state.
 
 The loss is token-weighted over the whole step: gradients of *summed* token losses are added over
 micro-batches (``grad_accum``) and ranks (``mx.distributed.all_sum``) and divided once by the total
@@ -94,6 +95,9 @@ class Trainer:
         self._check_config()
         self.capacity = config.pack_length if config.pack else config.max_seq_len
         self.rows = plan_rows(train_set.examples, self.capacity, config.pack)
+        self.row_lengths = [sum(len(train_set.examples[i].tokens) - 1 for i in row)
+                            for row in self.rows]  # fmt: skip
+        self.rows_per_step = config.batch_size * config.grad_accum  # grouped by length together
         self.batches_per_epoch = len(self.rows) // config.batch_size
         self.steps_per_epoch = self.batches_per_epoch // config.grad_accum
         self._check_sizes()
@@ -171,7 +175,12 @@ class Trainer:
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self.order_epoch:
-            self.order_epoch, self.order = epoch, epoch_order(len(self.rows), self.cfg.seed, epoch)
+            self.order_epoch, self.order = (
+                epoch,
+                epoch_order(
+                    len(self.rows), self.cfg.seed, epoch, self.row_lengths, self.rows_per_step
+                ),
+            )
         return self.order
 
     def _batch(self, index: int) -> Batch:
