@@ -234,7 +234,7 @@ def padding_efficiency(a: argparse.Namespace) -> dict[str, float]:
     """Useful / computed positions over one epoch of the train set, per configuration."""
     import numpy as np
 
-    from mlx_openelm.lora.batching import epoch_order, make_batch, plan_rows
+    from mlx_openelm.lora.batching import epoch_order, make_batch, plan_rows, row_lengths
     from mlx_openelm.lora.data import encode_file
     from mlx_openelm.tokenizer import Tokenizer
 
@@ -252,8 +252,7 @@ def padding_efficiency(a: argparse.Namespace) -> dict[str, float]:
                 computed += b * 32 * -(-int(n[i : i + b].max()) // 32)
         else:
             rows = plan_rows(examples, s, pack=True)
-            lengths = [sum(len(examples[i].tokens) - 1 for i in r) for r in rows]
-            order = epoch_order(len(rows), 0, 0, lengths, b)
+            order = epoch_order(len(rows), 0, 0, row_lengths(examples, rows), b)
             for i in range(0, len(rows) - b + 1, b):
                 batch = make_batch(examples, [rows[j] for j in order[i : i + b]], s, True)
                 useful, computed = useful + batch.num_tokens, computed + batch.inputs.size

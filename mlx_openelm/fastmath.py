@@ -29,6 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.activations import swiglu as _swiglu_mlx
+from mlx_lm.models.base import create_causal_mask
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 split so that n · _LN2_HI is exact for |n| < 2^9 (Cody–Waite)
@@ -252,8 +253,7 @@ def _mask_array(mask: Any, q_len: int, k_len: int) -> mx.array | None:
     if mask is None or isinstance(mask, mx.array):
         return mask
     if mask == "causal":
-        q = mx.arange(k_len - q_len, k_len)[:, None]
-        return q >= mx.arange(k_len)[None]
+        return create_causal_mask(q_len, k_len - q_len)
     raise ValueError(f"unsupported attention mask {mask!r}")
 
 

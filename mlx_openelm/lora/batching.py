@@ -64,6 +64,11 @@ def plan_rows(examples: Sequence[Example], capacity: int, pack: bool) -> list[li
     return pack_rows([len(e.tokens) - 1 for e in examples], capacity)
 
 
+def row_lengths(examples: Sequence[Example], rows: Sequence[Sequence[int]]) -> list[int]:
+    """Useful (non-padding) input positions of each row."""
+    return [sum(len(examples[i].tokens) - 1 for i in row) for row in rows]
+
+
 def auto_pack_length(examples: Sequence[Example], max_seq_len: int) -> int:
     """The packed row length when none is given: the longest example, rounded up to a multiple
     of ``PAD_MULTIPLE`` (at most ``max_seq_len``).

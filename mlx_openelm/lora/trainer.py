@@ -38,7 +38,14 @@ from .adapters import (
     resolve_targets,
     save_adapters,
 )
-from .batching import Batch, auto_pack_length, epoch_order, make_batch, plan_rows
+from .batching import (
+    Batch,
+    auto_pack_length,
+    epoch_order,
+    make_batch,
+    plan_rows,
+    row_lengths,
+)
 from .checkpoint import (
     CHECKPOINT_DIR,
     check_adapter_folder,
@@ -95,8 +102,7 @@ class Trainer:
         self._check_config()
         self.capacity = config.pack_length if config.pack else config.max_seq_len
         self.rows = plan_rows(train_set.examples, self.capacity, config.pack)
-        self.row_lengths = [sum(len(train_set.examples[i].tokens) - 1 for i in row)
-                            for row in self.rows]  # fmt: skip
+        self.row_lengths = row_lengths(train_set.examples, self.rows)
         self.rows_per_step = config.batch_size * config.grad_accum  # grouped by length together
         self.batches_per_epoch = len(self.rows) // config.batch_size
         self.steps_per_epoch = self.batches_per_epoch // config.grad_accum
@@ -187,11 +193,12 @@ class Trainer:
         """This rank's share of global batch ``index`` (counted from the start of training)."""
         epoch, k = divmod(index, self.batches_per_epoch)
         b = self.cfg.batch_size
-        rows = [self.rows[i] for i in self._order(epoch)[k * b : (k + 1) * b]]
+        picked = self._order(epoch)[k * b : (k + 1) * b]
+        rows = [self.rows[i] for i in picked]
         batch = make_batch(
             self.train_set.examples, rows[self.rank :: self.size], self.capacity, self.cfg.pack,
         )  # fmt: skip
-        useful = sum(len(self.train_set.examples[i].tokens) - 1 for row in rows for i in row)
+        useful = sum(self.row_lengths[i] for i in picked)  # the whole batch, all ranks
         return Batch(batch.inputs, batch.targets, batch.weights, batch.segments, useful)
 
     # -- setup -----------------------------------------------------------------------------
