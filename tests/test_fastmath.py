@@ -173,28 +173,39 @@ import mlx.core as mx
 from mlx_openelm import fastmath
 applied = fastmath.keep_freed_memory() if sys.argv[1] == "tuned" else False
 x = mx.random.normal((2_000_000,))  # 8 MB
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 def step():  # 24 temporaries alive at once: 192 MB, more than MLX's own 32 MB buffer cache
     mx.eval([x + i for i in range(24)])
+mx.eval(x)
+start = rss_mb()
 for _ in range(2):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     step()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, faults, rss_mb() - start)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_keep_freed_memory_stops_page_faults_on_reused_temporaries():
+def test_keep_freed_memory_keeps_temporaries_for_reuse():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
 
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+    def run(env: dict) -> tuple[str, int, float]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, "tuned"], env=env, check=True,
                              capture_output=True, text=True).stdout.split()  # fmt: skip
-        return out[0], int(out[1])
+        return out[0], int(out[1]), float(out[2])
 
-    plain, tuned = faults("plain"), faults("tuned")
-    assert tuned[0] == "True"
-    assert plain[1] > 100_000  # glibc returned the memory: ~40,000 pages fault in every step
-    assert tuned[1] < 1_000  # kept and reused
+    # Without the settings, whether glibc hands the 192 MB back after a step depends on what else
+    # sits at the top of its heap (in one measured run ~195,000 page faults per 5 steps, in
+    # another none), so only the tuned process is asserted: it keeps the memory and reuses it.
+    applied, faults, kept = run(env)
+    assert applied == "True"
+    assert kept > 150, kept
+    assert faults < 1_000
+    # A user's own malloc settings win: nothing is changed.
+    assert run({**env, "MALLOC_TRIM_THRESHOLD_": "0"})[0] == "False"
