@@ -611,7 +611,7 @@ def lora(
         int | None,
         typer.Option(
             "--pack-length",
-            help="Packed row length in tokens [default: the longest example, rounded up to 32].",
+            help="Packed row length in tokens (default: the longest example, rounded up to 32).",
             show_default=False,
         ),
     ] = None,
@@ -808,7 +808,7 @@ def eval_perplexity(
     model: ModelOpt = DEFAULT_MODEL,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 2048,
     stride: Annotated[
-        int | None, typer.Option("--stride", help="Step between windows [default: seq-len/2].")
+        int | None, typer.Option("--stride", help="Step between windows (default: seq-len/2).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per batch.")] = 1,
     adapter: AdapterOpt = None,

@@ -29,6 +29,26 @@ def test_help_lists_commands():
     assert "info" in result.output
 
 
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_texts_are_not_eaten_as_markup():
+    """rich reads ``[default: x]`` in a help string as a style tag and drops it from --help."""
+    import typer
+    from rich.markup import render
+
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            assert render(text).plain == text, (" ".join(path), text)
+            checked += 1
+    assert checked > 100  # every command and option of every subcommand was seen
+
+
 def test_info_on_tiny_folder(tiny_model_dir):
     result = runner.invoke(app, ["info", "--model", str(tiny_model_dir), "--json"])
     assert result.exit_code == 0, result.output
