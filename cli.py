@@ -543,7 +543,7 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
             star = " (best)" if event.best else ""
             progress.console.print(
                 f"step {event.step}: {event.split} loss {event.loss:.4f}, "
-                f"ppl {event.perplexity:.2f}{star}"
+                f"ppl {event.perplexity:.4g}{star}"
             )
         elif isinstance(event, SaveReport) and event.kind != "final":
             progress.console.print(f"step {event.step}: saved {event.kind} → {event.path}")
