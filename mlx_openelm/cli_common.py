@@ -1,0 +1,67 @@
+"""What the CLI modules share: the consoles, the default model, and options defined once.
+
+``cli.py`` (the Typer app), ``cli_generate`` and ``cli_lora`` import these; each option is an
+``Annotated`` alias so its flag names and help text live in one place.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
+
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+class DType(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+# --- Options shared by several commands: defined once, defaults in one place. ---
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="MLX model folder or hub repo id (converted once).")
+]
+AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder to apply.")]
+TokenizerOpt = Annotated[
+    Path | None, typer.Option("--tokenizer", help="Explicit tokenizer.model file.")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (reproducible runs).")]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", "-n", help="Maximum number of tokens to generate.")
+]
+TempOpt = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the k best tokens; 0 = off.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p × best; 0 = off.")]
+RepPenaltyOpt = Annotated[
+    float | None, typer.Option("--repetition-penalty", help="Penalty > 1 discourages repeats.")
+]
+RepContextOpt = Annotated[
+    int, typer.Option("--repetition-context-size", help="Tokens the repetition penalty looks at.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+DTypeOpt = Annotated[DType | None, typer.Option("--dtype", help="Weight dtype of the output.")]
+FastBlasOpt = Annotated[
+    bool,
+    typer.Option("--fast-blas", help="Linux CPU: restart with OpenBLAS preloaded (see doctor)."),
+]
+
+
+def apply_fast_blas(enabled: bool) -> None:
+    """Restart the command with OpenBLAS preloaded (does not return), or say why not."""
+    if enabled:
+        from mlx_openelm.doctor import reexec_with_openblas
+
+        reason = reexec_with_openblas(sys.orig_argv)
+        if reason:
+            err.print(f"[yellow]{reason}[/]", markup=True)

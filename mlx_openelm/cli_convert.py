@@ -1,0 +1,174 @@
+"""The ``convert`` command (registered on the app in ``cli.py``): options, progress, summary."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_openelm.cli_common import DTypeOpt, ForceOpt, JsonOpt, TokenizerOpt, err, out
+
+
+class SourceFormat(str, Enum):
+    hf = "hf"
+    corenet = "corenet"
+
+
+class CoreNetSize(str, Enum):
+    s270M = "270M"
+    s450M = "450M"
+    s1_1B = "1_1B"
+    s3B = "3B"
+
+
+class Bits(str, Enum):
+    b2 = "2"
+    b3 = "3"
+    b4 = "4"
+    b6 = "6"
+    b8 = "8"
+
+
+class GroupSize(str, Enum):
+    g32 = "32"
+    g64 = "64"
+    g128 = "128"
+
+
+class MixedPreset(str, Enum):
+    mixed_2_6 = "mixed_2_6"
+    mixed_3_4 = "mixed_3_4"
+    mixed_3_6 = "mixed_3_6"
+    mixed_4_6 = "mixed_4_6"
+
+
+class ChatTemplate(str, Enum):
+    auto = "auto"
+    zephyr = "zephyr"
+    none = "none"
+
+
+_MIXED_HELP = (
+    "Mixed-precision preset mixed_L_H (implies -q): H bits for the tied embedding / output head "
+    "and for qkv_proj and proj_2 in the first and last eighth of the layers and every third layer "
+    "between; L bits elsewhere."
+)
+
+
+def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
+    tasks: dict[str, int] = {}
+
+    def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+        if p.phase not in tasks:
+            tasks[p.phase] = progress.add_task(p.phase, total=p.bytes_total, count="")
+        count = f"{p.tensors_done}/{p.tensors_total} tensors"
+        progress.update(tasks[p.phase], completed=p.bytes_done, count=count)
+
+    return report
+
+
+def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert.ConvertResult
+    quant = ""
+    if result.quantization:
+        q = result.quantization
+        mixed = any(isinstance(v, dict) for v in q.values())
+        kind = f"mixed {q['bits']}-bit+" if mixed else f"{q['bits']}-bit"
+        quant = f", {kind} g{q['group_size']} ({result.bits_per_weight:.2f} bits/weight)"
+    lines = [
+        f"Wrote {result.path}: {result.parameters / 1e6:.1f}M parameters, "
+        f"{result.size_bytes / 1e6:.1f} MB on disk, {result.seconds:.1f} s ({result.dtype}{quant})"
+    ]
+    if result.quality is not None:
+        r = result.quality
+        change = (r.ppl_quantized / r.ppl_reference - 1) * 100
+        lines.append(
+            f"Quantization cost on a {r.tokens}-token probe: KL {r.kl_mean:.4f} nats/token "
+            f"(max {r.kl_max:.3f}), perplexity {r.ppl_reference:.3g} -> {r.ppl_quantized:.3g} "
+            f"({change:+.1f}%), top-1 agreement {r.top1_agreement:.1%}"
+        )
+    return lines
+
+
+def convert(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Hub repo id, HF folder or CoreNet .pt (several with --average)."),
+    ],
+    output: Annotated[Path, typer.Argument(help="MLX model folder to create.")],
+    source_format: Annotated[
+        SourceFormat | None, typer.Option("--from", help="Source format; default: detect.")
+    ] = None,
+    config_yaml: Annotated[
+        Path | None, typer.Option("--config-yaml", help="CoreNet training YAML of the .pt.")
+    ] = None,
+    size: Annotated[
+        CoreNetSize | None, typer.Option("--size", help="CoreNet model size (no YAML).")
+    ] = None,
+    average: Annotated[
+        bool, typer.Option("--average", help="Average the SOURCES (uniform mean in float32).")
+    ] = False,
+    dtype: DTypeOpt = None,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize weights.")] = False,
+    bits: Annotated[Bits, typer.Option("--bits", help="Bits per quantized weight.")] = Bits.b4,
+    group_size: Annotated[
+        GroupSize, typer.Option("--group-size", help="Weights per quantization scale.")
+    ] = GroupSize.g64,
+    mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
+    quality: Annotated[
+        bool | None,
+        typer.Option("--quality/--no-quality", help="After -q: measure the KL cost (GPU: on)."),
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: Annotated[
+        ChatTemplate, typer.Option("--chat-template", help="auto: Zephyr for -Instruct models.")
+    ] = ChatTemplate.auto,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a checkpoint (hub repo, HF folder, CoreNet .pt) into an MLX model folder.
+
+    Default dtype float16 (bfloat16 for 3B). OUTPUT appears only when everything succeeded.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mlx_openelm.convert import convert as convert_checkpoint
+    from mlx_openelm.errors import ConfigError
+
+    if len(sources) > 1 and not average:
+        raise ConfigError(f"{len(sources)} sources given; pass --average to average them")
+    if average and len(sources) < 2:
+        raise ConfigError("--average needs at least two checkpoints to average")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    extra = (TextColumn("{task.fields[count]}"), TimeElapsedColumn())
+    with Progress(*columns, *extra, console=err, transient=True) as progress:
+        result = convert_checkpoint(
+            sources if average else sources[0],
+            output,
+            source_format=source_format.value if source_format else None,
+            config_yaml=config_yaml,
+            size=size.value if size else None,
+            dtype=dtype.value if dtype else None,
+            quantize=quantize,
+            bits=int(bits.value),
+            group_size=int(group_size.value),
+            mixed=mixed.value if mixed else None,
+            tokenizer=tokenizer,
+            chat_template=chat_template.value,
+            quality=quality,
+            force=force,
+            revision=revision,
+            on_progress=_progress_reporter(progress),
+        )
+    if as_json:
+        import dataclasses
+        import json
+
+        out.print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+        return
+    for line in _convert_summary(result):
+        out.print(line)
+    if result.quantization and result.quality is None and quality is None:
+        out.print("Quality probe skipped on CPU (slow there); pass --quality to run it.")

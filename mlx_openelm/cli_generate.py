@@ -1,0 +1,195 @@
+"""The ``generate`` and ``chat`` commands (registered on the app in ``cli.py``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from mlx_openelm.cli_common import (
+    DEFAULT_MODEL,
+    AdapterOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelOpt,
+    RepContextOpt,
+    RepPenaltyOpt,
+    SeedOpt,
+    TempOpt,
+    TokenizerOpt,
+    TopKOpt,
+    TopPOpt,
+    err,
+)
+from mlx_openelm.generate import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_P,
+    DEFAULT_NUM_DRAFT,
+    DEFAULT_REPETITION_CONTEXT,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
+
+PromptOpt = Annotated[
+    str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
+]
+SystemOpt = Annotated[
+    str | None, typer.Option("--system", help="System prompt (plain text first for base models).")
+]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option("--stop", help="Stop before this text (repeatable); it is never printed."),
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option("--draft-model", help="Smaller OpenELM for speculative decoding (same vocab)."),
+]
+NumDraftOpt = Annotated[
+    int, typer.Option("--num-draft", help="Tokens the draft model proposes per step.")
+]
+MaxKVOpt = Annotated[
+    int | None, typer.Option("--max-kv-size", help="Rotating KV cache of this many tokens.")
+]
+KVBitsOpt = Annotated[
+    int | None, typer.Option("--kv-bits", help="Quantize the KV cache to 2, 3, 4, 5, 6 or 8 bits.")
+]
+RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
+
+
+def _sampling(max_tokens: int, **options: object) -> dict[str, object]:
+    """Check the flags before a model loads, so a bad value fails at once."""
+    from mlx_openelm.generate import validate_options
+
+    validate_options(max_tokens=max_tokens, **{k: v for k, v in options.items() if k != "seed"})
+    return options
+
+
+def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
+    """One dim line per phase when a hub model is converted on first use."""
+    phases: set[str] = set()
+
+    def report(progress) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+        if progress.phase not in phases:
+            phases.add(progress.phase)
+            what = "hashing the download" if progress.phase == "hash" else "converting it"
+            err.print(f"First use of {model}: {what} (once; cached for later runs)", style="dim")
+
+    return report
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)  # not rich: model text must not be read as markup
+    sys.stdout.flush()
+
+
+def generate(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: PromptOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    temp: TempOpt = DEFAULT_TEMP,
+    top_p: TopPOpt = DEFAULT_TOP_P,
+    top_k: TopKOpt = DEFAULT_TOP_K,
+    min_p: MinPOpt = DEFAULT_MIN_P,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
+    draft_model: DraftOpt = None,
+    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    max_kv_size: MaxKVOpt = None,
+    kv_bits: KVBitsOpt = None,
+    raw: RawOpt = False,
+) -> None:
+    """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
+    from mlx_openelm.errors import GenerationError
+    from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
+    from mlx_openelm.generate import stream_generate as stream
+
+    sampling = _sampling(
+        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
+    )  # fmt: skip
+    text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
+    if text is None:
+        raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
+    m, tok, draft = load_for_generation(
+        model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
+    )
+    ids = build_prompt(tok, text, system, raw)
+    last, drafted = None, 0
+    for r in stream(m, tok, ids, max_tokens, draft_model=draft, **sampling):
+        _write(r.text)
+        last, drafted = r, drafted + r.from_draft
+    _write("\n")
+    err.print(format_stats(last, drafted if draft else None), style="dim", markup=False)
+
+
+class _TerminalIO:
+    """The chat REPL's input and output: input() (line editing on a TTY), stdout, stderr."""
+
+    def read(self, prompt: str) -> str | None:
+        try:
+            line = input(prompt)
+        except EOFError:
+            _write("\n")
+            return None
+        if not sys.stdin.isatty():
+            _write(line + "\n")  # piped input is not echoed: show it, so stdout reads as a chat
+        return line
+
+    def write(self, text: str) -> None:
+        _write(text)
+
+    def info(self, text: str) -> None:
+        err.print(text, style="dim", markup=False)
+
+    def error(self, text: str) -> None:
+        err.print("[bold red]Error:[/] ", end="")
+        err.print(text, markup=False)
+
+
+def chat(
+    model: ModelOpt = DEFAULT_MODEL,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    temp: TempOpt = DEFAULT_TEMP,
+    top_p: TopPOpt = DEFAULT_TOP_P,
+    top_k: TopKOpt = DEFAULT_TOP_K,
+    min_p: MinPOpt = DEFAULT_MIN_P,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
+    draft_model: DraftOpt = None,
+    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    max_kv_size: MaxKVOpt = None,
+    kv_bits: KVBitsOpt = None,
+) -> None:
+    """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
+    from mlx_openelm.chat import ChatSession, run_repl
+    from mlx_openelm.generate import load_for_generation
+
+    sampling = _sampling(
+        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
+    )  # fmt: skip
+    m, tok, draft = load_for_generation(
+        model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
+    )
+    session = ChatSession(
+        m, tok, system=system, max_tokens=max_tokens, draft_model=draft, **sampling
+    )
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    err.print(f"Chatting with {model}. /help lists commands; /quit or Ctrl-D leaves.", style="dim")
+    if run_repl(session, _TerminalIO()):
+        raise typer.Exit(1)  # a scripted session had a failing command or turn
