@@ -1,7 +1,7 @@
 """What the CLI modules share: the consoles, the default model, and options defined once.
 
-``cli.py`` (the Typer app), ``cli_generate`` and ``cli_lora`` import these; each option is an
-``Annotated`` alias so its flag names and help text live in one place.
+``cli.py`` (the Typer app), ``cli_convert``, ``cli_generate`` and ``cli_lora`` import these; each
+option is an ``Annotated`` alias so its flag names and help text live in one place.
 """
 
 from __future__ import annotations
