@@ -27,6 +27,7 @@ from mlx_openelm.cli_common import (
     AdapterOpt,
     FastBlasOpt,
     JsonOpt,
+    LazyProgress,
     MaxTokensOpt,
     ModelOpt,
     SeedOpt,
@@ -136,9 +137,9 @@ app.add_typer(eval_app, name="eval")
 
 
 def _progress_bar(what: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
-    return Progress(
+    return LazyProgress(
         f"[bold]{what}",
         BarColumn(),
         MofNCompleteColumn(),
@@ -151,8 +152,14 @@ def _progress_bar(what: str):
 def _run_with_progress(what: str, work):
     """Run ``work(on_progress)`` under a progress bar on stderr; return its result."""
     with _progress_bar(what) as bar:
-        task = bar.add_task(what, total=None)
-        return work(lambda done, total: bar.update(task, completed=done, total=total))
+        task: list[int] = []  # added on the first report: input errors print with no bar
+
+        def update(done: int, total: int | None) -> None:
+            if not task:
+                task.append(bar.add_task(what, total=total))
+            bar.update(task[0], completed=done, total=total)
+
+        return work(update)
 
 
 def _print_json(data) -> None:
@@ -192,7 +199,8 @@ def eval_perplexity(
         return _print_json(asdict(result))
     out.print(f"documents     {result.documents}\nwindows       {result.windows}")
     out.print(f"tokens scored {result.tokens}\nnll / token   {result.nll:.4f}")
-    out.print(f"perplexity    {result.perplexity:.4f}")
+    ppl = result.perplexity
+    out.print(f"perplexity    {ppl:.4f}" if ppl < 1e6 else f"perplexity    {ppl:.4e}")
 
 
 @eval_app.command("choice")

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 
@@ -65,3 +66,24 @@ def apply_fast_blas(enabled: bool) -> None:
         reason = reexec_with_openblas(sys.orig_argv)
         if reason:
             err.print(f"[yellow]{reason}[/]", markup=True)
+
+
+class LazyProgress(Progress):
+    """A rich ``Progress`` that draws nothing until its first task is added.
+
+    Entering it does not start the display, so an error raised before any progress (bad input,
+    found while loading) prints its one line alone, not after the blank line an empty display
+    leaves when it stops.
+    """
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def add_task(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - Progress's signature
+        if not self.live.is_started:
+            self.start()
+        return super().add_task(*args, **kwargs)
+
+    def stop(self) -> None:
+        if self.live.is_started:  # rich ends even a never-started display with a newline
+            super().stop()

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from mlx_openelm.cli_common import DTypeOpt, ForceOpt, JsonOpt, TokenizerOpt, err, out
+from mlx_openelm.cli_common import (
+    DTypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LazyProgress,
+    TokenizerOpt,
+    err,
+    out,
+)
 
 
 class SourceFormat(str, Enum):
@@ -132,7 +140,7 @@ def convert(
 
     Default dtype float16 (bfloat16 for 3B). OUTPUT appears only when everything succeeded.
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
 
     from mlx_openelm.convert import convert as convert_checkpoint
     from mlx_openelm.errors import ConfigError
@@ -143,7 +151,7 @@ def convert(
         raise ConfigError("--average needs at least two checkpoints to average")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     extra = (TextColumn("{task.fields[count]}"), TimeElapsedColumn())
-    with Progress(*columns, *extra, console=err, transient=True) as progress:
+    with LazyProgress(*columns, *extra, console=err, transient=True) as progress:
         result = convert_checkpoint(
             sources if average else sources[0],
             output,

@@ -16,6 +16,7 @@ from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     FastBlasOpt,
     ForceOpt,
+    LazyProgress,
     ModelOpt,
     SeedOpt,
     TokenizerOpt,
@@ -193,7 +194,7 @@ def lora(
     Data-parallel: `mlx.launch -n 2 -- mlx-openelm lora ...`.
     """
     apply_fast_blas(fast_blas)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
     from mlx_openelm.lora import finetune
 
@@ -207,7 +208,7 @@ def lora(
     )  # fmt: skip
     columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), "{task.fields[stats]}")  # fmt: skip
-    with Progress(*columns, console=err) as progress:
+    with LazyProgress(*columns, console=err) as progress:
         result = finetune(
             model, adapter_path, data=data, train_file=train, valid_file=valid, spec=spec,
             config=config, mask_prompt=mask_prompt, test=test, plot=plot, tokenizer=tokenizer,

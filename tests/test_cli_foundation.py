@@ -60,7 +60,7 @@ def test_info_on_tiny_folder(tiny_model_dir):
 def test_bad_model_is_one_line_and_exit_1(tmp_path):
     result = runner.invoke(app, ["info", "--model", str(tmp_path)])
     assert result.exit_code == 1
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    lines = result.output.splitlines()  # no blank line either (an empty progress display)
     assert len(lines) == 1
     assert lines[0].startswith("Error:") and "no config.json" in lines[0]
     assert "Traceback" not in result.output

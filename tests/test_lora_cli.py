@@ -41,7 +41,7 @@ def lora(model: Path, *args: str):
 
 def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    lines = result.output.splitlines()  # no blank line either (an empty progress display)
     assert len(lines) == 1, result.output
     assert lines[0].startswith("Error:") and "Traceback" not in result.output
     return lines[0]
