@@ -85,5 +85,11 @@ class LazyProgress(Progress):
         return super().add_task(*args, **kwargs)
 
     def stop(self) -> None:
-        if self.live.is_started:  # rich ends even a never-started display with a newline
+        # rich ends the display with a newline off a terminal, even one never started or
+        # transient (drawn nowhere): keep it only for a display that leaves its last frame.
+        if not self.live.is_started:
+            return
+        if self.live.transient:
+            self.live.stop()
+        else:
             super().stop()
