@@ -179,7 +179,11 @@ def lora(
         int | None, typer.Option("--early-stop", help="Stop after N validations w/o gain.")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from ADAPTER_PATH/checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from ADAPTER_PATH/checkpoint (constant schedule: --iters may grow).",
+        ),
     ] = False,
     test: Annotated[bool, typer.Option("--test", help="Evaluate test.jsonl at the end.")] = False,
     plot: Annotated[bool, typer.Option("--plot", help="Write loss.png at the end.")] = False,

@@ -86,6 +86,32 @@ def test_resume_continues_the_same_loss_curve(tiny_model_dir, data_dir, tmp_path
     assert all(np.array_equal(whole[k], cut[k]) for k in whole)
 
 
+def test_resume_extends_a_constant_schedule_but_not_a_decaying_one(
+    tiny_model_dir, data_dir, tmp_path
+):
+    from mlx_openelm.errors import ConfigError
+
+    finetune(tiny_model_dir, tmp_path / "whole", data=data_dir, config=FAST)  # 8 steps
+    finetune(tiny_model_dir, tmp_path / "more", data=data_dir, config=replace(FAST, iters=4))
+    result = finetune(tiny_model_dir, tmp_path / "more", data=data_dir, config=FAST, resume=True)
+    assert result.steps == 8
+    assert curve(tmp_path / "more") == curve(tmp_path / "whole")  # 4 steps, then 4 more
+    whole, more = adapters(tmp_path / "whole"), adapters(tmp_path / "more")
+    assert all(np.array_equal(whole[k], more[k]) for k in whole)
+    with pytest.raises(ConfigError, match="checkpoint is at step 8, past the 4 steps"):
+        finetune(tiny_model_dir, tmp_path / "more", data=data_dir, config=replace(FAST, iters=4),
+                 resume=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"resume with changed settings[^;]*: --lr-schedule was"):
+        finetune(tiny_model_dir, tmp_path / "more", data=data_dir, resume=True,
+                 config=replace(FAST, lr_schedule="cosine"))  # fmt: skip
+    # A cosine schedule spans --iters: a longer run would have had other rates all along.
+    cosine = replace(FAST, iters=4, lr_schedule="cosine")
+    finetune(tiny_model_dir, tmp_path / "cos", data=data_dir, config=cosine)
+    with pytest.raises(ConfigError, match=r"--iters was 4, now 8 \(the learning-rate schedule"):
+        finetune(tiny_model_dir, tmp_path / "cos", data=data_dir, resume=True,
+                 config=replace(cosine, iters=8))  # fmt: skip
+
+
 def test_grad_accumulation_equals_the_bigger_batch(tiny_model_dir, data_dir, tmp_path):
     big = finetune(tiny_model_dir, tmp_path / "big", data=data_dir,
                    config=replace(FAST, batch_size=4))  # fmt: skip

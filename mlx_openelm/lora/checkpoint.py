@@ -63,6 +63,8 @@ def _describe(section: str, name: str, old: Any, new: Any) -> str:
         return f"the data changed ({name} was {old!r}, now {new!r})"
     if section == "model":
         return f"the base model changed ({name} was {old!r}, now {new!r})"
+    if name == "iters":  # only a constant schedule may be extended (see Trainer._curve_settings)
+        return f"--iters was {old!r}, now {new!r} (the learning-rate schedule spans --iters)"
     return f"--{name.replace('_', '-')} was {old!r}, now {new!r}"
 
 
@@ -78,6 +80,8 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
     for section, values in current.items():
         old_values = saved.get(section, {})
         for key, value in values.items():
+            if key == "iters" and key not in old_values:
+                continue  # a constant-schedule run records no length (any schedule change shows)
             old = old_values.get(key)
             if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):
                 changes.append(_describe(section, key, old, value))

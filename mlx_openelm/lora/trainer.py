@@ -171,6 +171,8 @@ class Trainer:
         values = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE_CHANGES}
         values.update(iters=self.total, epochs=None, grad_checkpoint=None)
         values["processes"] = self.size
+        if self.cfg.lr_schedule == "constant":
+            del values["iters"]  # the rate does not depend on the run's length: it may be extended
         return values
 
     def _report(self, event: object) -> None:
@@ -229,6 +231,11 @@ class Trainer:
         self.optimizer.state = opt_state
         self.optimizer.init(self.model.trainable_parameters())
         self.step, self.last_checkpoint = state["step"], state["step"]
+        if self.step > self.total:
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {self.step}, past the {self.total} steps "
+                "asked for; give a larger --iters to train on"
+            )
         self.best = tuple(state["best"]) if state.get("best") else None
         self.evals_since_best = state["evals_since_best"]
         order = np.asarray(state["data_order"], np.int64)
