@@ -93,6 +93,42 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
     return report
 
 
+def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None):  # noqa: ANN202
+    """``--config FILE``: a YAML mapping of ``lora`` flags used as their defaults.
+
+    Keys are the flag names (``batch_size: 2`` or ``batch-size: 2``; ``targets`` may be a list);
+    flags given on the command line win, as with mlx-lm's ``--config``.
+    """
+    if value is None:
+        return None
+    import yaml
+
+    from mlx_openelm.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--config {value}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {value}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {value}: expected a mapping of flag names to values")
+    flags = {p.name for p in ctx.command.params} - {param.name}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(k for k in values if k not in flags)
+    if unknown:
+        raise ConfigError(
+            f"--config {value}: unknown key(s) {', '.join(unknown)}; the keys are lora's flags "
+            "(see mlx-openelm lora --help), e.g. batch_size, learning_rate"
+        )
+    if isinstance(values.get("targets"), list):
+        values["targets"] = ",".join(map(str, values["targets"]))
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
 def lora(
     model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[
@@ -190,6 +226,16 @@ def lora(
     tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     fast_blas: FastBlasOpt = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML file of flag: value defaults (e.g. batch_size: 2); flags given win.",
+            is_eager=True,
+            callback=_read_config,
+        ),
+    ] = None,
 ) -> None:
     """LoRA / DoRA / full fine-tuning on JSONL data (text, prompt/completion or chat messages).
 

@@ -14,6 +14,7 @@ from lora_helpers import text_data
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
+from mlx_openelm.lora.metrics import read_metrics
 
 runner = CliRunner()
 FAST = ["--iters", "4", "--batch-size", "2", "--max-seq-len", "64", "--val-every", "2",
@@ -139,6 +140,44 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, file
     extra = [a.replace("{d}", str(tmp_path)) for a in extra]
     line = one_error_line(lora(tiny_model_dir, *source, "-o", str(out), *extra))
     assert message in line
+    assert not out.exists()
+
+
+def test_config_file_gives_defaults_and_flags_win(tiny_model_dir, data_dir, tmp_path):
+    config = tmp_path / "lora.yaml"
+    config.write_text(
+        f"data: {data_dir}\niters: 2\nbatch-size: 2\nmax_seq_len: 64\nrank: 4\n"
+        "targets: [qkv_proj, out_proj]\nlr_schedule: cosine\n"
+    )
+    out = tmp_path / "a"
+    args = ["lora", "-m", str(tiny_model_dir), "-c", str(config), "-o", str(out), "--rank", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Trained 2 steps" in result.output
+    params = json.loads((out / "adapter_config.json").read_text())["lora_parameters"]
+    assert params["rank"] == 2  # the flag, over the file's 4
+    assert sorted(params["keys"]) == ["attn.out_proj", "attn.qkv_proj"]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps[-1]["learning_rate"] < 1e-4  # cosine from the file decays to 0 at step 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("batch_size: 2\nbogus: 1\n", "unknown key(s) bogus"),
+        ("batch_size: [\n", "not valid YAML at line 2"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        (None, "cannot read it"),
+    ],
+)
+def test_bad_config_file(tiny_model_dir, data_dir, tmp_path, text, message):
+    config = tmp_path / "lora.yaml"
+    if text is not None:
+        config.write_text(text)
+    out = tmp_path / "out"
+    line = one_error_line(lora(tiny_model_dir, "--data", str(data_dir), "-o", str(out),
+                               "--config", str(config)))  # fmt: skip
+    assert f"--config {config}: {message}" in line
     assert not out.exists()
 
 
