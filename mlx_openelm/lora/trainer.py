@@ -227,15 +227,15 @@ class Trainer:
     def _restore(self) -> None:
         adapters, opt_state, state = load_checkpoint(self.path)
         check_resume(state["identity"], self.identity)
+        if state["step"] > self.total:
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {state['step']}, past the {self.total} "
+                "steps asked for; give a larger --iters to train on"
+            )
         self.model.load_weights(list(adapters.items()), strict=False)
         self.optimizer.state = opt_state
         self.optimizer.init(self.model.trainable_parameters())
         self.step, self.last_checkpoint = state["step"], state["step"]
-        if self.step > self.total:
-            raise ConfigError(
-                f"--resume: the checkpoint is at step {self.step}, past the {self.total} steps "
-                "asked for; give a larger --iters to train on"
-            )
         self.best = tuple(state["best"]) if state.get("best") else None
         self.evals_since_best = state["evals_since_best"]
         order = np.asarray(state["data_order"], np.int64)
