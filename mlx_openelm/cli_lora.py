@@ -209,7 +209,7 @@ def lora(
         int, typer.Option("--save-every", help="Checkpoint every N steps.")
     ] = _TRAIN.save_every,
     keep_best: Annotated[
-        bool, typer.Option("--keep-best", help="Keep the lowest-validation-loss adapters.")
+        bool, typer.Option("--keep-best", help="Keep the adapters with the lowest validation loss.")
     ] = False,
     early_stop: Annotated[
         int | None, typer.Option("--early-stop", help="Stop after N validations w/o gain.")
@@ -218,7 +218,7 @@ def lora(
         bool,
         typer.Option(
             "--resume",
-            help="Continue from ADAPTER_PATH/checkpoint (constant schedule: --iters may grow).",
+            help="Continue from the checkpoint in ADAPTER_PATH (constant schedule: may add --iters).",
         ),
     ] = False,
     test: Annotated[bool, typer.Option("--test", help="Evaluate test.jsonl at the end.")] = False,
