@@ -218,7 +218,8 @@ def lora(
         bool,
         typer.Option(
             "--resume",
-            help="Continue from the checkpoint in ADAPTER_PATH (constant schedule: may add --iters).",
+            help="Continue from the checkpoint in ADAPTER_PATH; a constant schedule may raise "
+            "--iters.",
         ),
     ] = False,
     test: Annotated[bool, typer.Option("--test", help="Evaluate test.jsonl at the end.")] = False,
