@@ -61,12 +61,23 @@ def plan_rows(examples: Sequence[Example], capacity: int, pack: bool) -> list[li
     """One example per row, or packed rows of at most ``capacity`` input positions."""
     if not pack:
         return [[i] for i in range(len(examples))]
-    return pack_rows([len(e.tokens) - 1 for e in examples], capacity)
+    return pack_rows([e.num_inputs for e in examples], capacity)
 
 
 def row_lengths(examples: Sequence[Example], rows: Sequence[Sequence[int]]) -> list[int]:
     """Useful (non-padding) input positions of each row."""
-    return [sum(len(examples[i].tokens) - 1 for i in row) for row in rows]
+    return [sum(examples[i].num_inputs for i in row) for row in rows]
+
+
+def longest_example(examples: Sequence[Example]) -> int:
+    """Input positions of the longest example (0 for none)."""
+    return max((e.num_inputs for e in examples), default=0)
+
+
+def padded_length(longest: int, capacity: int) -> int:
+    """``longest`` rounded up to a multiple of ``PAD_MULTIPLE``, at most ``capacity`` (but never
+    below ``longest``): the few row shapes that get compiled."""
+    return max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, capacity), longest)
 
 
 def auto_pack_length(examples: Sequence[Example], max_seq_len: int) -> int:
@@ -78,8 +89,7 @@ def auto_pack_length(examples: Sequence[Example], max_seq_len: int) -> int:
     length) cheap; best-fit packing still fills them to ~90 % on WikiSQL (examples of 62–241
     tokens in rows of 256) against mlx-lm's 77 % with padding.
     """
-    longest = max((len(e.tokens) - 1 for e in examples), default=1)
-    return max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len), longest)
+    return padded_length(max(longest_example(examples), 1), max_seq_len)
 
 
 GROUP_BATCHES = 16  # batches per window whose rows are grouped by length
@@ -120,9 +130,7 @@ def make_batch(
     examples: Sequence[Example], rows: Sequence[Sequence[int]], capacity: int, packed: bool
 ) -> Batch:
     """Lay ``rows`` out as arrays padded to a multiple of ``PAD_MULTIPLE`` (≤ ``capacity``)."""
-    longest = max(sum(len(examples[i].tokens) - 1 for i in row) for row in rows)
-    length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, capacity)
-    shape = (len(rows), max(length, longest))
+    shape = (len(rows), padded_length(max(row_lengths(examples, rows)), capacity))
     inputs = np.zeros(shape, np.int32)
     targets = np.zeros(shape, np.int32)
     weights = np.zeros(shape, np.float32)
@@ -132,7 +140,7 @@ def make_batch(
         pos = 0
         for k, i in enumerate(row, 1):
             ex = examples[i]
-            n = len(ex.tokens) - 1
+            n = ex.num_inputs
             inputs[r, pos : pos + n] = ex.tokens[:-1]
             targets[r, pos : pos + n] = ex.tokens[1:]
             weights[r, pos : pos + n] = ex.trained[1:]

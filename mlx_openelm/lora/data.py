@@ -39,6 +39,11 @@ class Example:
     tokens: np.ndarray
     trained: np.ndarray
 
+    @property
+    def num_inputs(self) -> int:
+        """Input positions: every token but the last (each one predicts the next)."""
+        return len(self.tokens) - 1
+
 
 @dataclass
 class Dataset:

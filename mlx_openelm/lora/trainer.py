@@ -42,6 +42,7 @@ from .batching import (
     Batch,
     auto_pack_length,
     epoch_order,
+    longest_example,
     make_batch,
     plan_rows,
     row_lengths,
@@ -144,7 +145,7 @@ class Trainer:
             raise ConfigError("--keep-best and --early-stop need validation data (valid.jsonl)")
         if cfg.pack and cfg.pack_length < 1:
             raise ConfigError(f"--pack-length must be at least 1, got {cfg.pack_length}")
-        longest = max((len(e.tokens) - 1 for e in self.train_set.examples), default=0)
+        longest = longest_example(self.train_set.examples)
         if cfg.pack and cfg.pack_length < longest:
             raise ConfigError(
                 f"--pack-length {cfg.pack_length} is shorter than the longest training example "
