@@ -41,7 +41,6 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKISQL = SHARED / "data" / "wikisql"
 TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def make_model(folder: Path) -> Path:
@@ -161,13 +160,17 @@ def spawn(kind: str, batch_size: int, seq_len: int, model_dir: Path, a: argparse
     if kind == "ours-mlx-exp":
         env["MLX_OPENELM_FAST_MATH"] = "0"
     if kind == "mlx-lm-malloc":  # what fastmath.keep_freed_memory() sets in our process
-        env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
-    if a.blas == "openblas":  # what --fast-blas does: preload, and name the kernels if needed
-        from mlx_openelm.doctor import coretype_hint, cpu_flags, openblas_corename
+        from mlx_openelm.fastmath import MMAP_THRESHOLD, TRIM_THRESHOLD
 
-        env["LD_PRELOAD"] = OPENBLAS
-        coretype = coretype_hint(openblas_corename(), cpu_flags())
-        if coretype and not env.get("OPENBLAS_CORETYPE"):
+        env.update(
+            MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD)
+        )
+    if a.blas == "openblas":  # what --fast-blas does: preload, and name the kernels if needed
+        from mlx_openelm.doctor import fast_coretype, openblas_path
+
+        env["LD_PRELOAD"] = str(openblas_path())
+        coretype = fast_coretype()  # None when OPENBLAS_CORETYPE is set already
+        if coretype:
             env["OPENBLAS_CORETYPE"] = coretype
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model_dir),
@@ -211,8 +214,10 @@ def main() -> None:
         return worker(a)
     if not (WIKISQL / "train.jsonl").is_file() or not TOKENIZER.is_file():
         sys.exit(f"needs {WIKISQL} and {TOKENIZER}")
-    if a.blas == "openblas" and not Path(OPENBLAS).is_file():
-        sys.exit(f"OpenBLAS not at {OPENBLAS}; use --blas plain")
+    from mlx_openelm.doctor import openblas_path
+
+    if a.blas == "openblas" and not openblas_path().is_file():
+        sys.exit(f"OpenBLAS not at {openblas_path()}; use --blas plain")
     runs: dict[str, list[dict]] = {label: [] for label, *_ in configs(a)}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(a.model or Path(tmp) / "openelm-270M-random")

@@ -70,12 +70,14 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt  # glibc; musl has none
     except (OSError, AttributeError):
         return False
-    _malloc_tuned = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-    _malloc_tuned = mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and _malloc_tuned
+    _malloc_tuned = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    _malloc_tuned = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and _malloc_tuned
     return _malloc_tuned
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: bigger requests still get their own mmap
+TRIM_THRESHOLD = 1 << 30  # free heap kept before any is handed back
 _malloc_tuned = False
 
 
