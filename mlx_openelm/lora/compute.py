@@ -72,7 +72,7 @@ def _head_chunk(h: mx.array, w: mx.array, t: mx.array) -> tuple[mx.array, mx.arr
 
 @mx.custom_function
 def _head_ce(h: mx.array, w: mx.array, t: mx.array) -> tuple[mx.array, mx.array]:
-    n, dim = h.shape
+    n = h.shape[0]
     step = max(1, HEAD_CHUNK // w.shape[0])
     parts = [_head_chunk(h[i : i + step], w, t[i : i + step]) for i in range(0, n, step)]
     ce = mx.concatenate([c for c, _ in parts]) if len(parts) > 1 else parts[0][0]
