@@ -108,6 +108,8 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
         "vocab_size",
         "dtype",
         "quantization",
+        "quantized",
+        "runs_as",
         "chat_template",
     ):
         out.print(f"  {key:<14} {desc[key]}")

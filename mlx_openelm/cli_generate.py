@@ -127,7 +127,7 @@ def generate(
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
-    err.print(format_stats(last, drafted if draft else None), style="dim", markup=False)
+    err.print(format_stats(last, drafted if draft else None, m), style="dim", markup=False)
 
 
 class _TerminalIO:

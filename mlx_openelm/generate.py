@@ -341,8 +341,13 @@ def _hub_errors_as_not_found(name: str | Path) -> Iterator[None]:
         ) from e
 
 
-def format_stats(last: GenerationResponse, draft_tokens: int | None = None) -> str:
-    """One line of end-of-generation stats from the last response (and draft acceptance)."""
+def format_stats(
+    last: GenerationResponse, draft_tokens: int | None = None, model: nn.Module | None = None
+) -> str:
+    """One line of end-of-generation stats from the last response (and draft acceptance).
+
+    A quantized ``model`` adds how it ran (``runtime.Execution``: dequantized or quantized).
+    """
     line = (
         f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
         f"generated: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -351,4 +356,7 @@ def format_stats(last: GenerationResponse, draft_tokens: int | None = None) -> s
     if draft_tokens is not None:
         share = draft_tokens / max(last.generation_tokens, 1)
         line += f" | draft accepted: {draft_tokens}/{last.generation_tokens} ({share:.0%})"
+    execution = getattr(model, "execution", None)
+    if execution is not None and execution.quantization is not None:
+        line += f" | weights: {execution.describe()}"
     return line

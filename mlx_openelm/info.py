@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from .config import ModelArgs
 from .errors import WeightsError
 from .loading import load_config, resolve_model_path
+from .runtime import plan_execution
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -39,9 +41,11 @@ def describe_model(model: str | Path) -> dict[str, Any]:
     config = load_config(folder)
     args = ModelArgs.from_dict(config)
     dtypes: set[str] = set()
+    names: set[str] = set()
     for f in sorted(folder.glob("model*.safetensors")):
         header = safetensors_header(f)
         dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        names |= set(header) - {"__metadata__"}
     tok_cfg = folder / "tokenizer_config.json"
     has_template = tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
     return {
@@ -53,8 +57,31 @@ def describe_model(model: str | Path) -> dict[str, Any]:
         "vocab_size": args.vocab_size,
         "dtype": ",".join(sorted(dtypes)) or "none",
         "quantization": args.quantization or "none",
+        "quantized": _quantized_parts(names),
+        "runs_as": plan_execution(args.quantization, 4 * args.num_parameters()).describe(),
         "chat_template": "yes" if has_template else "no",
         "num_query_heads": args.num_query_heads,
         "num_kv_heads": args.num_kv_heads,
         "ffn_dims": args.ffn_dims,
     }
+
+
+_BLOCK_LINEAR = re.compile(r"\.(qkv_proj|out_proj|proj_1|proj_2)\.weight$")
+
+
+def _quantized_parts(names: set[str]) -> str:
+    """Which modules the folder stores quantized (those with ``.scales``), in a few words."""
+    paths = {n.removesuffix(".scales") for n in names if n.endswith(".scales")}
+    if not paths:
+        return "nothing"
+    blocks = [n for n in names if _BLOCK_LINEAR.search(n)]
+    linear = [p for p in paths if _BLOCK_LINEAR.search(f"{p}.weight")]
+    parts = [f"{len(linear)} of {len(blocks)} block linear layers"]
+    if "lm_head" in paths:
+        parts.append("lm_head")
+    if "transformer.token_embeddings" in paths:
+        head = "" if "lm_head.weight" in names or "lm_head" in paths else " (also the output head)"
+        parts.append(f"token embedding{head}")
+    else:
+        parts.append("token embedding kept float")
+    return ", ".join(parts)

@@ -21,6 +21,7 @@ from . import fastmath
 from .config import ModelArgs
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
 from .model import Model
+from .runtime import dequantize_model, float32_bytes, plan_execution
 
 _LIST_LIMIT = 12
 
@@ -156,11 +157,18 @@ def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict)
     )
 
 
-def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str, Any]]:
+def load_model(
+    folder: str | Path, lazy: bool = False, dequantize: bool | None = None
+) -> tuple[Model, dict[str, Any]]:
     """Build the model from ``folder/config.json`` and load its weights.
 
+    Args:
+        dequantize: for quantized folders: True expands the weights to float32, False keeps the
+            quantized kernels, None decides (``mlx_openelm.runtime.plan_execution``: on a CPU,
+            when memory allows). ``model.execution`` records what was done.
+
     Returns:
-        ``(model, config_dict)``; quantized folders load as quantized modules.
+        ``(model, config_dict)``.
 
     Raises:
         ModelNotFoundError, ConfigError, WeightsError: with the file or field at fault.
@@ -176,6 +184,9 @@ def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str,
     check_weights(model, weights, str(folder))
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    model.execution = plan_execution(args.quantization, float32_bytes(model), dequantize)
+    if model.execution.dequantized:
+        dequantize_model(model)
     if not lazy:
         mx.eval(model.parameters())
     return model, config
@@ -206,6 +217,7 @@ def load(
     adapter_path: str | Path | None = None,
     tokenizer: str | Path | None = None,
     lazy: bool = False,
+    dequantize: bool | None = None,
 ) -> tuple[Model, Any]:
     """Load an OpenELM model and its tokenizer.
 
@@ -215,6 +227,8 @@ def load(
         adapter_path: optional LoRA adapter folder to apply.
         tokenizer: optional explicit ``tokenizer.model`` file.
         lazy: leave weights memory-mapped until first use.
+        dequantize: quantized folders: True runs them in float32, False keeps the quantized
+            kernels, None (default) dequantizes on a CPU when memory allows (see ``runtime``).
 
     Returns:
         ``(model, tokenizer)``: a ``mlx_openelm.model.Model`` and a
@@ -224,7 +238,7 @@ def load(
     from .tokenizer import Tokenizer
 
     folder = resolve_model_path(path_or_repo)
-    model, _ = load_model(folder, lazy=lazy)
+    model, _ = load_model(folder, lazy=lazy, dequantize=dequantize)
     if adapter_path is not None:
         model = load_adapters(model, adapter_path)
     tok_file = resolve_tokenizer_file(model_dir=folder, tokenizer=tokenizer)

@@ -48,7 +48,7 @@ def test_quantized_folder_loads_in_ours_and_mlx_lm_and_generates(tmp_path, tiny_
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"] == (
         result.quantization
     )
-    ours, tok = load(tmp_path / "q4")
+    ours, tok = load(tmp_path / "q4", dequantize=False)
     assert isinstance(ours.transformer.token_embeddings, nn.QuantizedEmbedding)
     assert isinstance(ours.layers[0].attn.qkv_proj, nn.QuantizedLinear)
     theirs, _ = mlx_lm.load(str(tmp_path / "q4"))
@@ -105,7 +105,7 @@ def test_mixed_preset_gives_more_bits_where_it_pays(tmp_path, tiny_spm):
             stored[f"{path}.weight"], stored[f"{path}.scales"], stored[f"{path}.biases"], 32, bits
         ).shape[-1]
         assert stored[f"{path}.weight"].shape[-1] * 32 // bits == in_dim
-    ours, _ = load_model(tmp_path / "mixed")
+    ours, _ = load_model(tmp_path / "mixed", dequantize=False)
     theirs, _ = mlx_lm.load(str(tmp_path / "mixed"))
     assert ours.layers[4].ffn.proj_2.bits == theirs.layers[4].ffn.proj_2.bits == 6
     assert ours.layers[5].ffn.proj_2.bits == theirs.layers[5].ffn.proj_2.bits == 3

@@ -118,13 +118,18 @@ def test_quantized_folder_loads_as_quantized_modules(tmp_path, tiny):
 
     qcfg = {**cfg, "quantization": {"group_size": 32, "bits": 8}}
     write_model_folder(tmp_path / "q", qcfg, iter(tree_flatten(model.parameters())))
-    qmodel, _ = load_model(tmp_path / "q")
+    qmodel, _ = load_model(tmp_path / "q", dequantize=False)
     assert isinstance(qmodel.layers[0].attn.qkv_proj, nn.QuantizedLinear)
     assert isinstance(qmodel.transformer.token_embeddings, nn.QuantizedEmbedding)
     ref = openelm_ref.forward(w, TOKENS, cfg["head_dim"])
     got = _logits(qmodel)
     assert rel_err(got, ref) < 5e-2  # 8-bit stays close to the float64 reference
     assert rel_err(got, _logits(model)) < 1e-5  # and equals the in-memory quantized model
+    assert not qmodel.execution.dequantized
+    # On the CPU backend the default expands the same values to float32 (see test_runtime).
+    fmodel, _ = load_model(tmp_path / "q")
+    assert fmodel.execution.dequantized and type(fmodel.layers[0].attn.qkv_proj) is nn.Linear
+    assert rel_err(_logits(fmodel), got) < 1e-5
 
 
 def test_missing_extra_and_misshaped_tensors_are_all_listed(tmp_path, tiny):

@@ -117,7 +117,7 @@ def fuse(
 
     folder = resolve_model_path(model)
     adapter_config = read_adapter_config(adapter_path)
-    base, config = load_model(folder)
+    base, config = load_model(folder, dequantize=False)  # fusing re-quantizes: keep the packing
     tokenizer = Tokenizer.from_folder(folder, resolve_tokenizer_file(model_dir=folder))
     net = load_adapters(base, adapter_path)
     quantized = bool(config.get("quantization")) and not dequantize

@@ -164,7 +164,7 @@ def import_peft(
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     tensors, layers, keys = _to_mlx_names(weights, folder)
-    net, _ = load_model(resolve_model_path(model), lazy=True)
+    net, _ = load_model(resolve_model_path(model), lazy=True, dequantize=False)
     keys = [k for k in block_linear_names(net) if k in keys]  # the block's own order
     total = len(net.layers)
     if sorted(layers) != list(range(total - len(layers), total)):
