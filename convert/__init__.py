@@ -22,13 +22,22 @@ import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OutputExistsError
+from mlx_openelm.evaluate import read_texts
 from mlx_openelm.folder import write_model_folder
 
+from .calibration import DEFAULT_SAMPLES, calibration_windows
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
+from .learned import (
+    METHODS,
+    check_method,
+    learn_quantization,
+    model_bits_per_weight,
+    model_tensors,
+    quantization_config,
+)
 from .quality import QualityReport, quantization_quality
 from .quantize import (
     MIXED_PRESETS,
-    QuantPlan,
     check_quantization,
     plan_quantization,
     quantize_stream,
@@ -38,6 +47,7 @@ from .tensors import TensorRef
 
 __all__ = [
     "FORMATS",
+    "METHODS",
     "MIXED_PRESETS",
     "ConvertProgress",
     "ConvertResult",
@@ -51,6 +61,9 @@ CHAT_TEMPLATES = ("auto", "zephyr", "none")
 # (corenet mlx_examples/open_elm) says 3B "requires a greater activation range than the other
 # model sizes" and should use bfloat16 for 16-bit and quantized inference.
 BF16_ABOVE_PARAMETERS = 2_000_000_000
+# On a CPU the probe's two forward passes are cheap below this size (quantized folders run
+# dequantized to float32 there); above it they take minutes, so --quality asks for them.
+PROBE_ON_CPU_BELOW = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class ConvertResult:
         quantization: the ``quantization`` config entry, or None.
         bits_per_weight: average stored bits per quantized weight (scales included), or None.
         quality: quantized vs unquantized on a probe text, or None.
+        method: the quantization method (``rtn``, ``gptq``...), or None.
     """
 
     path: Path
@@ -90,6 +104,7 @@ class ConvertResult:
     quantization: dict[str, Any] | None = None
     bits_per_weight: float | None = None
     quality: QualityReport | None = None
+    method: str | None = None
 
 
 def convert(
@@ -104,6 +119,11 @@ def convert(
     bits: int = 4,
     group_size: int = 64,
     mixed: str | None = None,
+    method: str = "rtn",
+    calibration: str | Path | None = None,
+    calibration_samples: int = DEFAULT_SAMPLES,
+    bits_per_weight: float | None = None,
+    quantize_embedding: bool = True,
     tokenizer: str | Path | None = None,
     chat_template: str | None = None,
     quality: bool | None = None,
@@ -123,11 +143,20 @@ def convert(
         dtype: ``float16``, ``bfloat16`` or ``float32``; default float16 (bfloat16 for 3B).
         quantize: quantize with ``bits`` and ``group_size`` (2/3/4/6/8; 32/64/128).
         mixed: a mixed-precision preset (``mixed_3_6``...); implies ``quantize``.
+        method: ``rtn`` (round to nearest, streamed), or a learned method run on the float
+            model in memory (``gptq``, ``awq``, ``dwq``, ``dynamic``; see ``convert.learned``);
+            a learned method implies ``quantize`` and needs ``calibration``.
+        calibration: text or JSONL file for learned methods and the quality probe (else the
+            probe reads a built-in English passage); never downloaded.
+        calibration_samples: windows of 256 tokens the learned methods take from it.
+        bits_per_weight: ``dynamic``'s budget (scales included), e.g. 4.5.
+        quantize_embedding: False keeps the tied embedding / output head in float.
         tokenizer: an explicit ``tokenizer.model`` (else the source's, else Llama-2's).
         chat_template: ``zephyr``, ``none`` or ``auto`` (None): the source's template, else
             Zephyr for ``-Instruct`` models.
-        quality: after quantizing, measure the KL divergence and perplexity cost on a probe
-            text. None: only on a GPU (on a CPU the two forward passes take minutes for 270M+).
+        quality: after quantizing, measure the KL divergence, perplexity and top-1 cost on the
+            calibration text (else a built-in passage) before the folder is renamed into place.
+            None: on a GPU, or on a CPU for models under 1B parameters.
         force: replace an existing ``output``.
         revision: hub revision (branch, tag or commit) for a repo id.
         on_progress: called with a :class:`ConvertProgress` after each tensor is written.
@@ -137,7 +166,8 @@ def convert(
 
     Raises:
         OutputExistsError, ConfigError, ModelNotFoundError, WeightsError, UnsafePickleError,
-        TokenizerError: with what, where and how to fix; nothing is written then.
+        TokenizerError, DataError (calibration), QuantizationError (non-finite probe logits):
+        with what, where and how to fix; nothing is written then.
     """
     start = time.perf_counter()
     output = Path(output)
@@ -146,35 +176,64 @@ def convert(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
     out_dtype_name = _check_options(dtype, chat_template)
-    plan_options = (bits, group_size, mixed) if (quantize or mixed) else None
+    learned = method != "rtn"
+    plan_options = (bits, group_size, mixed) if (quantize or mixed or learned) else None
     if plan_options:
         check_quantization(*plan_options)  # before any download
+        check_method(method, bits, bits_per_weight, group_size)
+    if learned and (mixed or calibration is None):
+        raise ConfigError(
+            f"--method {method} needs --calibration FILE (text or JSONL like the model's use)"
+            if calibration is None
+            else f"--method {method} cannot be combined with --mixed (use --method dynamic)"
+        )
+    if calibration is not None:
+        read_texts(calibration)  # missing, empty or malformed: refused before any work
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
         raise ConfigError("no source given; pass a repo id, a folder or a checkpoint file")
     cps = [open_source(s, source_format, config_yaml, size, revision) for s in sources]
     cp = cps[0] if len(cps) == 1 else average_checkpoints(cps)
     tensors = prepare_tensors(cp)
-    plan = plan_quantization(cp.args, *plan_options) if plan_options else None
+    plan = None
+    if plan_options:
+        plan = plan_quantization(cp.args, *plan_options, quantize_embedding=quantize_embedding)
     out_dtype_name = out_dtype_name or _default_dtype(cp.args)
+    out_dtype = DTYPES[out_dtype_name]
     tok = _tokenizer(cp, tokenizer, chat_template)
+    if learned:
+        data = calibration_windows(calibration, tok, cp.args.vocab_size, calibration_samples)
+        model = learn_quantization(
+            _float_model(cp.args, tensors), method, data, bits=bits, group_size=group_size,
+            quantize_embedding=quantize_embedding, bits_per_weight=bits_per_weight,
+        )  # fmt: skip
+        quant_config, bpw = quantization_config(model), model_bits_per_weight(model)
+        stream = _learned_stream(model, out_dtype, on_progress)
+    else:
+        quant_config = plan.config() if plan else None
+        bpw = plan.bits_per_weight(_shapes(tensors)) if plan else None
+        stream = _stream(tensors, out_dtype, on_progress)
+        if plan is not None:
+            stream = quantize_stream(stream, plan)
     # Hashing the source files (4 GB for 1_1B) runs on another core while tensors are
     # converted; the record goes into config.json, which the writer serialises only after the
     # last tensor (_Pending is not JSON-serialisable, so any earlier use fails loudly).
     hashing = _Background(_source_record, cps)
-    config = _output_config(cp.args, _Pending(), out_dtype_name, plan)
-    stream = _stream(tensors, DTYPES[out_dtype_name], on_progress)
-    if plan is not None:
-        stream = quantize_stream(stream, plan)
+    config = _output_config(cp.args, _Pending(), out_dtype_name, quant_config, method)
     stream = _then(stream, lambda: config.update(source=hashing.result()))
-    totals = write_model_folder(
-        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
-    )
     if quality is None:
-        quality = mx.default_device().type == mx.DeviceType.gpu
-    report = None
-    if plan is not None and quality:
-        report = quantization_quality(tensors, output, cp.args, DTYPES[out_dtype_name])
+        quality = _probe_by_default(cp.args)
+    reports: list[QualityReport] = []
+
+    def probe(folder: Path) -> None:
+        reports.append(
+            quantization_quality(tensors, folder, cp.args, out_dtype, calibration=calibration)
+        )
+
+    totals = write_model_folder(
+        output, config, stream, tokenizer=tok, generation_config=cp.generation_config,
+        force=force, check=probe if (quant_config and quality) else None,
+    )  # fmt: skip
     return ConvertResult(
         path=Path(totals["path"]),
         parameters=cp.args.num_parameters(),
@@ -182,10 +241,41 @@ def convert(
         seconds=time.perf_counter() - start,
         dtype=out_dtype_name,
         source=config["source"],
-        quantization=plan.config() if plan else None,
-        bits_per_weight=plan.bits_per_weight(_shapes(tensors)) if plan else None,
-        quality=report,
+        quantization=quant_config,
+        bits_per_weight=bpw,
+        quality=reports[0] if reports else None,
+        method=method if quant_config else None,
     )
+
+
+def _probe_by_default(args: ModelArgs) -> bool:
+    """On a GPU always; on a CPU (dequantized to float32) for models under 1B parameters."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        return True
+    return args.num_parameters() < PROBE_ON_CPU_BELOW
+
+
+def _float_model(args: ModelArgs, tensors: Mapping[str, TensorRef]) -> Any:
+    """The whole model in float32 memory, for the learned methods."""
+    from mlx_openelm.model import Model
+
+    model = Model(args)
+    model.load_weights([(k, ref.to_mlx(mx.float32)) for k, ref in tensors.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def _learned_stream(
+    model: Any, dtype: mx.Dtype, on_progress: Callable[[ConvertProgress], None] | None
+) -> Iterator[tuple[str, mx.array]]:
+    items = list(model_tensors(model, dtype))
+    total = sum(a.nbytes for _, a in items)
+    done = 0
+    for i, (name, array) in enumerate(items):
+        yield name, array
+        done += array.nbytes
+        if on_progress is not None:
+            on_progress(ConvertProgress("write", done, total, i + 1, len(items), name))
 
 
 def _check_options(dtype: str | None, chat_template: str | None) -> str | None:
@@ -269,20 +359,25 @@ def _then(items: Iterable[Any], finish: Callable[[], None]) -> Iterator[Any]:
 
 
 def _output_config(
-    args: ModelArgs, source: dict[str, Any], dtype: str, plan: QuantPlan | None
+    args: ModelArgs,
+    source: dict[str, Any],
+    dtype: str,
+    quantization: dict[str, Any] | None,
+    method: str = "rtn",
 ) -> dict[str, Any]:
     from mlx_openelm import __version__
 
     config = args.to_dict()
     config["torch_dtype"] = dtype
-    if plan is not None:
-        config["quantization"] = plan.config()
+    if quantization is not None:
+        config["quantization"] = dict(quantization)
     config["source"] = source
     config["converted_by"] = {
         "tool": "mlx-openelm",
         "version": __version__,
         "dtype": dtype,
-        "quantization": plan.config() if plan else None,
+        "quantization": dict(quantization) if quantization else None,
+        "method": method if quantization else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return config

@@ -5,12 +5,16 @@ in float32), so at most one float layer is in memory besides the embedding; the 
 is the written folder itself, loaded lazily with its float parts in float32 too, so the numbers
 measure quantization alone. Reported: the mean (and worst) KL divergence between the two models'
 next-token distributions, both perplexities and how often their top-1 tokens agree.
+
+The text is the user's ``--calibration FILE`` (its first :data:`PROBE_TOKENS` tokens), else
+:data:`PROBE_TEXT`. NaN or infinite logits (float16 overflow: why 3B defaults to bfloat16) are
+an error, not a number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,10 +22,12 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import DataError, QuantizationError
 from mlx_openelm.loading import load_model
 from mlx_openelm.model import TransformerBlock
 from mlx_openelm.tokenizer import Tokenizer
 
+from .calibration import calibration_ids
 from .tensors import TensorRef
 
 PROBE_TOKENS = 256
@@ -46,7 +52,7 @@ PROBE_TEXT = (
 
 @dataclass(frozen=True)
 class QualityReport:
-    """Quantized vs unquantized on :data:`PROBE_TEXT`.
+    """Quantized vs unquantized on a probe text.
 
     Attributes:
         tokens: probe length in tokens.
@@ -63,6 +69,12 @@ class QualityReport:
     ppl_reference: float
     ppl_quantized: float
     top1_agreement: float
+    text: str = "built-in English passage"
+
+    @property
+    def ppl_change(self) -> float:
+        """Relative perplexity change (0.01 = +1%)."""
+        return self.ppl_quantized / self.ppl_reference - 1
 
 
 def quantization_quality(
@@ -71,16 +83,42 @@ def quantization_quality(
     args: ModelArgs,
     dtype: mx.Dtype,
     max_tokens: int = PROBE_TOKENS,
+    calibration: str | Path | None = None,
 ) -> QualityReport:
-    """Compare the quantized folder with the unquantized ``reference`` tensors (our names)."""
+    """Compare the quantized folder with the unquantized ``reference`` tensors (our names).
+
+    Raises:
+        QuantizationError: either model's logits are NaN or infinite.
+        DataError: the calibration file is unreadable or too short (fewer than 16 tokens).
+    """
     tokenizer = Tokenizer.from_folder(folder)
-    ids = [i for i in tokenizer.encode(PROBE_TEXT) if i < args.vocab_size][:max_tokens]
+    if calibration is None:
+        ids = [i for i in tokenizer.encode(PROBE_TEXT) if i < args.vocab_size]
+    else:
+        ids = calibration_ids(calibration, tokenizer, args.vocab_size)
+        if len(ids) < 16:
+            raise DataError(f"calibration file {calibration} holds {len(ids)} tokens; the "
+                            "quality probe needs at least 16: use a longer file")  # fmt: skip
+    ids = ids[:max_tokens]
     tokens = mx.array(ids)[None]  # (1, L)
     ref_logits = _reference_logits(reference, args, dtype, tokens)
+    _check_finite(ref_logits, f"the unquantized {dtype} weights", dtype)
     model, _ = load_model(folder, lazy=True)
-    model.set_dtype(mx.float32)  # scales, biases and norms; packed weights stay packed
+    model.set_dtype(mx.float32)  # scales, biases and norms (packed weights, if kept, stay packed)
     q_logits = model(tokens)[0].astype(mx.float32)
-    return _compare(ref_logits, q_logits, ids)
+    _check_finite(q_logits, "the quantized model", dtype)
+    text = "built-in English passage" if calibration is None else str(calibration)
+    return replace(_compare(ref_logits, q_logits, ids), text=text)
+
+
+def _check_finite(logits: mx.array, who: str, dtype: mx.Dtype) -> None:
+    bad = mx.logical_not(mx.isfinite(logits)).any(axis=-1)  # (L,)
+    if bad.any().item():
+        first = int(mx.argmax(bad).item())
+        raise QuantizationError(
+            f"{who} gave NaN or infinite logits on the quality probe (first at token {first}); "
+            f"the activations overflow {dtype}: convert with --dtype bfloat16 or float32"
+        )
 
 
 def _reference_logits(

@@ -91,9 +91,16 @@ def check_quantization(bits: int, group_size: int, mixed: str | None = None) -> 
 
 
 def plan_quantization(
-    args: ModelArgs, bits: int = 4, group_size: int = 64, mixed: str | None = None
+    args: ModelArgs,
+    bits: int = 4,
+    group_size: int = 64,
+    mixed: str | None = None,
+    quantize_embedding: bool = True,
 ) -> QuantPlan:
     """Decide each module's bit width (see the module docstring for the mixed presets).
+
+    ``quantize_embedding=False`` keeps the (tied) embedding and ``lm_head`` in float, for
+    loaders that cannot read a quantized embedding.
 
     Raises:
         ConfigError: an unsupported bit width, group size or preset name.
@@ -105,12 +112,19 @@ def plan_quantization(
     for path, module in Model(args).named_modules():
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue  # norms, containers, and widths the group size does not divide stay float
+        if not quantize_embedding and is_embedding(path):
+            continue
         modules[path] = high if _wants_more_bits(path, n) else low
     return QuantPlan(group_size, low, dict(sorted(modules.items())), mixed)
 
 
+def is_embedding(path: str) -> bool:
+    """The token embedding (the output head when tied) or the untied ``lm_head``."""
+    return "token_embeddings" in path or path.startswith("lm_head")
+
+
 def _wants_more_bits(path: str, num_layers: int) -> bool:
-    if "token_embeddings" in path or path.startswith("lm_head"):
+    if is_embedding(path):
         return True
     m = _LAYER.search(path)
     if m is None or not path.endswith(("qkv_proj", "proj_2")):

@@ -52,6 +52,14 @@ class MixedPreset(str, Enum):
     mixed_4_6 = "mixed_4_6"
 
 
+class Method(str, Enum):
+    rtn = "rtn"
+    dwq = "dwq"
+    gptq = "gptq"
+    awq = "awq"
+    dynamic = "dynamic"
+
+
 class ChatTemplate(str, Enum):
     auto = "auto"
     zephyr = "zephyr"
@@ -63,6 +71,31 @@ _MIXED_HELP = (
     "and for qkv_proj and proj_2 in the first and last eighth of the layers and every third layer "
     "between; L bits elsewhere."
 )
+
+
+_METHOD_HELP = (
+    "rtn: round to nearest (streamed). Learned, on the float model in memory, with "
+    "--calibration: gptq, awq, dwq (distils scales), dynamic (bits by sensitivity)."
+)
+MethodOpt = Annotated[Method, typer.Option("--method", help=_METHOD_HELP)]
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option("--calibration", help="Text or JSONL for learned methods and the probe."),
+]
+SamplesOpt = Annotated[
+    int, typer.Option("--calibration-samples", help="256-token windows learned methods use.")
+]
+BpwOpt = Annotated[
+    float | None,
+    typer.Option("--bits-per-weight", help="dynamic: average bits (scales included), e.g. 4.5."),
+]
+EmbeddingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quantize-embedding/--no-quantize-embedding",
+        help="Quantize the tied embedding / output head (off: float, for other loaders).",
+    ),
+]
 
 
 def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
@@ -83,18 +116,19 @@ def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert
         q = result.quantization
         mixed = any(isinstance(v, dict) for v in q.values())
         kind = f"mixed {q['bits']}-bit+" if mixed else f"{q['bits']}-bit"
-        quant = f", {kind} g{q['group_size']} ({result.bits_per_weight:.2f} bits/weight)"
+        how = "" if result.method in (None, "rtn") else f" {result.method}"
+        quant = f", {kind}{how} g{q['group_size']} ({result.bits_per_weight:.2f} bits/weight)"
     lines = [
         f"Wrote {result.path}: {result.parameters / 1e6:.1f}M parameters, "
         f"{result.size_bytes / 1e6:.1f} MB on disk, {result.seconds:.1f} s ({result.dtype}{quant})"
     ]
     if result.quality is not None:
         r = result.quality
-        change = (r.ppl_quantized / r.ppl_reference - 1) * 100
         lines.append(
-            f"Quantization cost on a {r.tokens}-token probe: KL {r.kl_mean:.4f} nats/token "
-            f"(max {r.kl_max:.3f}), perplexity {r.ppl_reference:.3g} -> {r.ppl_quantized:.3g} "
-            f"({change:+.1f}%), top-1 agreement {r.top1_agreement:.1%}"
+            f"Quantization cost on {r.tokens} tokens of {r.text}: perplexity "
+            f"{r.ppl_reference:.4g} -> {r.ppl_quantized:.4g} ({r.ppl_change:+.2%}), KL "
+            f"{r.kl_mean:.4f} nats/token (max {r.kl_max:.3f}), top-1 agreement "
+            f"{r.top1_agreement:.1%}"
         )
     return lines
 
@@ -124,9 +158,16 @@ def convert(
         GroupSize, typer.Option("--group-size", help="Weights per quantization scale.")
     ] = GroupSize.g64,
     mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
+    method: MethodOpt = Method.rtn,
+    calibration: CalibrationOpt = None,
+    calibration_samples: SamplesOpt = 64,
+    bits_per_weight: BpwOpt = None,
+    quantize_embedding: EmbeddingOpt = True,
     quality: Annotated[
         bool | None,
-        typer.Option("--quality/--no-quality", help="After -q: measure the KL cost (GPU: on)."),
+        typer.Option(
+            "--quality/--no-quality", help="After -q: measure the cost (default: GPU or <1B)."
+        ),
     ] = None,
     tokenizer: TokenizerOpt = None,
     chat_template: Annotated[
@@ -149,6 +190,10 @@ def convert(
         raise ConfigError(f"{len(sources)} sources given; pass --average to average them")
     if average and len(sources) < 2:
         raise ConfigError("--average needs at least two checkpoints to average")
+    from mlx_openelm.convert.learned import method_note
+
+    if (note := method_note(method.value, int(bits.value))) is not None:
+        err.print(note, style="yellow")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     extra = (TextColumn("{task.fields[count]}"), TimeElapsedColumn())
     with LazyProgress(*columns, *extra, console=err, transient=True) as progress:
@@ -163,6 +208,11 @@ def convert(
             bits=int(bits.value),
             group_size=int(group_size.value),
             mixed=mixed.value if mixed else None,
+            method=method.value,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            bits_per_weight=bits_per_weight,
+            quantize_embedding=quantize_embedding,
             tokenizer=tokenizer,
             chat_template=chat_template.value,
             quality=quality,
@@ -179,4 +229,4 @@ def convert(
     for line in _convert_summary(result):
         out.print(line)
     if result.quantization and result.quality is None and quality is None:
-        out.print("Quality probe skipped on CPU (slow there); pass --quality to run it.")
+        out.print("Quality probe skipped on CPU for 1B+ models (slow); pass --quality to run it.")

@@ -53,5 +53,9 @@ class TrainingError(OpenELMError):
     """Fine-tuning cannot continue (e.g. the loss became NaN or infinite)."""
 
 
+class QuantizationError(OpenELMError):
+    """Quantizing produced an unusable model (e.g. NaN or infinite logits on the probe)."""
+
+
 class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""

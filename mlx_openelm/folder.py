@@ -191,6 +191,7 @@ def write_model_folder(
     force: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    check: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Write a complete MLX model folder atomically.
 
@@ -203,6 +204,8 @@ def write_model_folder(
         generation_config: written as ``generation_config.json`` when given.
         force: replace an existing ``output``.
         on_tensor: progress callback ``(name, nbytes)`` after each tensor is written.
+        check: called with the finished temporary folder before it is renamed to ``output``;
+            an exception from it leaves no ``output`` (the quantization probe uses this).
 
     Returns:
         Totals from :func:`write_safetensors`, plus ``"path"``.
@@ -217,4 +220,6 @@ def write_model_folder(
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if check is not None:
+            check(tmp)
     return {**totals, "path": Path(output)}
