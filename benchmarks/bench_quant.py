@@ -1,0 +1,241 @@
+"""What quantization costs on real text, and how fast quantized folders run on a CPU.
+
+Parts (``--part``), each printing a markdown table and saving its rows to ``--json``:
+
+- ``grid``: the trained checkpoint (``../shared/models/openelm-tiny-shakespeare``) converted with
+  round-to-nearest at every bit width (2, 3, 4, 6, 8) × group size (32, 64, 128) and the mixed
+  presets: perplexity on held-out ``valid.jsonl`` (the first ``--windows`` windows of
+  ``--seq-len`` tokens, documents concatenated with BOS), mean KL to the float32 model and top-1
+  agreement on the same tokens, size on disk, bits per weight, decode tok/s.
+- ``methods``: RTN and each learned method (``gptq``, ``awq``, ``dwq``, ``dynamic`` at the same
+  bits per weight as RTN g64) at 2, 3 and 4 bits, calibrated on ``--samples`` windows of
+  ``train.jsonl`` (never the held-out text), side by side.
+- ``speed``: decode and perplexity tok/s of 4-bit folders both ways (dequantized to float32 at
+  load, the CPU default, vs MLX's quantized kernels), next to float32, for the trained
+  checkpoint and the 270M shape (random weights: speed and size only mean something there).
+- ``270m``: the 270M shape (random weights) at every bit width, group 64: size and decode tok/s.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
+        OPENBLAS_CORETYPE=SkylakeX nice python benchmarks/bench_quant.py --part grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+import mlx_openelm
+from mlx_openelm.convert import convert
+from mlx_openelm.convert.quantize import BITS, GROUP_SIZES, MIXED_PRESETS
+from mlx_openelm.evaluate import read_texts
+from mlx_openelm.loading import load
+from mlx_openelm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "openelm-tiny-shakespeare"
+TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
+VALID = SHARED / "data" / "shakespeare" / "valid.jsonl"
+TRAIN = SHARED / "data" / "shakespeare" / "train.jsonl"
+
+
+def eval_windows(path: Path, tok: Tokenizer, n: int, seq_len: int) -> list[list[int]]:
+    ids: list[int] = []
+    for text in read_texts(path):
+        ids += tok.encode(text)
+        if len(ids) >= n * seq_len:
+            break
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+
+
+def log_probs(model: Any, window: list[int]) -> mx.array:
+    logits = model(mx.array([window]))[0].astype(mx.float32)  # (L, vocab)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def quality(ref: Any, model: Any, windows: list[list[int]]) -> dict[str, float]:
+    """Perplexities, mean KL(ref || model) and top-1 agreement over the windows."""
+    nll_p = nll_q = kl = agree = n = 0.0
+    for w in windows:
+        lp, lq = log_probs(ref, w), log_probs(model, w)
+        t = mx.array(w[1:])[:, None]
+        nll_p += -mx.take_along_axis(lp[:-1], t, axis=-1).sum().item()
+        nll_q += -mx.take_along_axis(lq[:-1], t, axis=-1).sum().item()
+        kl += (mx.exp(lp) * (lp - lq)).sum().item()
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        n += len(w)
+    targets = n - len(windows)
+    ppl_ref, ppl = math.exp(nll_p / targets), math.exp(nll_q / targets)
+    return {"ppl_ref": ppl_ref, "ppl": ppl, "dppl": ppl / ppl_ref - 1, "kl": kl / n,
+            "top1": agree / n}  # fmt: skip
+
+
+def decode_tps(model: Any, tok: Tokenizer, tokens: int = 32) -> float:
+    from mlx_openelm.bench import _no_eos
+
+    prompt = tok.encode("KING. What say you, my lord?")
+    last = None
+    for r in mlx_openelm.stream_generate(model, _no_eos(tok), prompt, tokens, temp=0.0):
+        last = r
+    return last.generation_tps
+
+
+def ppl_tps(model: Any, windows: list[list[int]]) -> float:
+    start = time.perf_counter()
+    for w in windows:
+        mx.eval(model(mx.array([w])))
+    return sum(map(len, windows)) / (time.perf_counter() - start)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("model*.safetensors")) / 1e6
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace, work: Path):
+        self.opts, self.work = opts, work
+        self.tok = Tokenizer(opts.tokenizer)
+        self.windows = eval_windows(opts.valid, self.tok, opts.windows, opts.seq_len)
+        self.float_dir = self.convert("float32", dtype="float32")
+        self.ref, _ = load(self.float_dir)
+
+    def convert(self, name: str, source: Path | None = None, **kw: Any) -> Path:
+        out = self.work / name
+        if not out.exists():
+            result = convert(source or self.opts.model, out, tokenizer=self.opts.tokenizer,
+                             quality=False, **kw)  # fmt: skip
+            (out / "bpw.json").write_text(json.dumps(result.bits_per_weight))
+        return out
+
+    def row(self, label: str, folder: Path, **extra: Any) -> dict[str, Any]:
+        config = json.loads((folder / "config.json").read_text())
+        model, _ = load(folder)
+        out = {"label": label, "mb": folder_mb(folder), **extra,
+               **quality(self.ref, model, self.windows), "decode": decode_tps(model, self.tok),
+               "method": config.get("converted_by", {}).get("method")}  # fmt: skip
+        print(json.dumps(out), flush=True)
+        return out
+
+
+def part_grid(b: Bench) -> list[dict[str, Any]]:
+    rows = [b.row("float32", b.float_dir, bpw=32.0), b.row("float16", b.convert("f16"), bpw=16.0)]
+    for bits in BITS:
+        for g in GROUP_SIZES:
+            folder = b.convert(f"rtn{bits}g{g}", quantize=True, bits=bits, group_size=g)
+            rows.append(b.row(f"{bits}-bit g{g}", folder, bpw=_bpw(folder)))
+    for preset in MIXED_PRESETS:
+        folder = b.convert(preset, mixed=preset, group_size=64)
+        rows.append(b.row(f"{preset} g64", folder, bpw=_bpw(folder)))
+    return rows
+
+
+def part_methods(b: Bench) -> list[dict[str, Any]]:
+    rows = []
+    learned = {"calibration": b.opts.calibration, "calibration_samples": b.opts.samples}
+    for bits in b.opts.bits:
+        for method in b.opts.methods:
+            kw: dict[str, Any] = {"quantize": True, "bits": bits, "group_size": 64}
+            if method == "dynamic":
+                kw.update(bits_per_weight=bits + 0.5, **learned)
+            if method != "rtn":
+                kw.update(method=method, **learned)
+            start = time.perf_counter()
+            folder = b.convert(f"{method}{bits}", **kw)
+            seconds = time.perf_counter() - start
+            rows.append(b.row(f"{bits}-bit {method}", folder, bpw=_bpw(folder), seconds=seconds))
+    return rows
+
+
+def _bpw(folder: Path) -> float | None:
+    """Stored bits per quantized weight (scales and biases included), saved at conversion."""
+    f = folder / "bpw.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def part_speed(b: Bench) -> list[dict[str, Any]]:
+    rows = []
+    shapes = [("trained 10.5M", None, b.windows[:4])]
+    if not b.opts.skip_270m:
+        shapes.append(("270M shape", _random_270m(b.work), [w[:64] for w in b.windows[:1]]))
+    for shape, source, windows in shapes:
+        f32 = b.float_dir if source is None else source
+        q4 = b.convert(f"speed4-{shape[:3]}", source=source, quantize=True, bits=4, group_size=64)
+        for label, folder, dq in [("float32", f32, None), ("4-bit g64", q4, True),
+                                  ("4-bit g64", q4, False)]:  # fmt: skip
+            model, _ = load(folder, dequantize=dq)
+            row = {"shape": shape, "label": label, "runs_as": model.execution.describe(),
+                   "decode": decode_tps(model, b.tok, 16), "ppl_tps": ppl_tps(model, windows),
+                   "mb": folder_mb(folder)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del model
+    return rows
+
+
+def _random_270m(work: Path) -> Path:
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.config import ModelArgs
+    from mlx_openelm.folder import write_model_folder
+    from mlx_openelm.model import Model
+
+    out = work / "src-270M"
+    if not out.exists():
+        args = ModelArgs.from_preset("270M")
+        mx.random.seed(0)
+        model = Model(args)
+        write_model_folder(out, args.to_dict(), iter(tree_flatten(model.parameters())))
+    return out
+
+
+def part_270m(b: Bench) -> list[dict[str, Any]]:
+    src = _random_270m(b.work)
+    rows = []
+    for bits in BITS:
+        folder = b.convert(f"270m-{bits}", source=src, quantize=True, bits=bits, group_size=64)
+        model, _ = load(folder)
+        row = {"label": f"{bits}-bit g64", "mb": folder_mb(folder), "bpw": _bpw(folder),
+               "decode": decode_tps(model, b.tok, 16)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+PARTS = {"grid": part_grid, "methods": part_methods, "speed": part_speed, "270m": part_270m}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=PARTS, required=True)
+    p.add_argument("--model", type=Path, default=MODEL)
+    p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    p.add_argument("--valid", type=Path, default=VALID)
+    p.add_argument("--calibration", type=Path, default=TRAIN)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "dwq", "dynamic"])
+    p.add_argument("--skip-270m", action="store_true")
+    p.add_argument("--work", type=Path, default=None, help="Keep converted folders here.")
+    p.add_argument("--json", type=Path, default=None)
+    opts = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = opts.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"# {platform.machine()}, mlx {mx.__version__}, {mx.default_device()}", flush=True)
+        rows = PARTS[opts.part](Bench(opts, work))
+    if opts.json:
+        opts.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
