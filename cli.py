@@ -203,6 +203,8 @@ def eval_perplexity(
     out.print(f"tokens scored {result.tokens}\nnll / token   {result.nll:.4f}")
     ppl = result.perplexity
     out.print(f"perplexity    {ppl:.4f}" if ppl < 1e6 else f"perplexity    {ppl:.4e}")
+    if getattr(lm, "execution", None) is not None and lm.execution.quantization:
+        out.print(f"weights       {lm.execution.describe()}")
 
 
 @eval_app.command("choice")

@@ -209,7 +209,53 @@ def part_270m(b: Bench) -> list[dict[str, Any]]:
     return rows
 
 
-PARTS = {"grid": part_grid, "methods": part_methods, "speed": part_speed, "270m": part_270m}
+def _random_3b_slice(work: Path) -> Path:
+    """OpenELM-3B's first and last layer shapes (dim 3072, its heads and FFN widths, 32000
+    vocab), Gaussian weights at the init scale Apple trains from (std 0.02) with unit norms."""
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.config import ModelArgs
+    from mlx_openelm.folder import write_model_folder
+    from mlx_openelm.model import Model
+
+    out = work / "src-3B-slice"
+    if out.exists():
+        return out
+    full = ModelArgs.from_preset("3B").to_dict()
+    keep = [0, full["num_transformer_layers"] - 1]
+    config = {**full, "num_transformer_layers": 2}
+    for key in ("num_query_heads", "num_kv_heads", "ffn_dims"):
+        config[key] = [full[key][i] for i in keep]
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    mx.random.seed(0)
+    weights = [(k, 0.02 * mx.random.normal(v.shape) if v.ndim == 2 else mx.ones(v.shape))
+               for k, v in tree_flatten(model.parameters())]  # fmt: skip
+    write_model_folder(out, args.to_dict(), iter(weights))
+    return out
+
+
+def part_numerics(b: Bench) -> list[dict[str, Any]]:
+    """Every method on 3B-shaped weights: the probe (bfloat16, 3B's default) must stay finite."""
+    src, rows = _random_3b_slice(b.work), []
+    for method in b.opts.methods:
+        kw: dict[str, Any] = {"quantize": True, "bits": 4, "group_size": 64, "method": method}
+        if method != "rtn":
+            kw.update(calibration=b.opts.calibration, calibration_samples=8)
+        if method == "dynamic":
+            kw["bits_per_weight"] = 4.5
+        result = convert(src, b.work / f"3b-{method}", tokenizer=b.opts.tokenizer, quality=True,
+                         calibration=b.opts.calibration, **kw)  # fmt: skip
+        r = result.quality
+        row = {"method": method, "dtype": result.dtype, "kl": r.kl_mean, "top1": r.top1_agreement,
+               "finite": bool(math.isfinite(r.kl_mean)), "seconds": result.seconds}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+PARTS = {"grid": part_grid, "methods": part_methods, "speed": part_speed, "270m": part_270m,
+         "numerics": part_numerics}  # fmt: skip
 
 
 def main() -> None:

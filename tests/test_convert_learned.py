@@ -143,3 +143,19 @@ def test_cli_learned_conversion_reports_method_and_cost(tmp_path, tiny_spm, sour
                                    "--calibration-samples", "999"])  # fmt: skip
     assert bad.exit_code == 1 and "too few for 999 samples" in bad.output
     assert "Traceback" not in bad.output and not (tmp_path / "b").exists()
+
+
+def test_non_finite_probe_logits_are_an_error_and_leave_no_folder(tmp_path, tiny_spm):
+    from mlx_openelm.errors import QuantizationError
+
+    cfg = tiny_config(vocab_size=400)
+    weights = random_weights(cfg, seed=5)
+    weights["transformer.layers.1.ffn.proj_2.weight"][0, :8] = 1e6  # beyond float16's 65504
+    src = write_hf_safetensors(tmp_path / "src", cfg, weights)
+    with pytest.raises(QuantizationError, match="NaN or infinite logits.*--dtype bfloat16"):
+        convert(src, tmp_path / "q", quantize=True, group_size=32, dtype="float16",
+                tokenizer=tiny_spm, quality=True)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    ok = convert(src, tmp_path / "b", quantize=True, group_size=32, dtype="bfloat16",
+                 tokenizer=tiny_spm, quality=True)  # fmt: skip
+    assert np.isfinite(ok.quality.kl_mean)
