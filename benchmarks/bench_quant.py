@@ -61,11 +61,14 @@ def log_probs(model: Any, window: list[int]) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def quality(ref: Any, model: Any, windows: list[list[int]]) -> dict[str, float]:
-    """Perplexities, mean KL(ref || model) and top-1 agreement over the windows."""
+def quality(ref: list[mx.array], model: Any, windows: list[list[int]]) -> dict[str, float]:
+    """Perplexities, mean KL(ref || model) and top-1 agreement over the windows.
+
+    ``ref``: the float model's log-probabilities of each window, computed once.
+    """
     nll_p = nll_q = kl = agree = n = 0.0
-    for w in windows:
-        lp, lq = log_probs(ref, w), log_probs(model, w)
+    for w, lp in zip(windows, ref):
+        lq = log_probs(model, w)
         t = mx.array(w[1:])[:, None]
         nll_p += -mx.take_along_axis(lp[:-1], t, axis=-1).sum().item()
         nll_q += -mx.take_along_axis(lq[:-1], t, axis=-1).sum().item()
@@ -105,7 +108,9 @@ class Bench:
         self.tok = Tokenizer(opts.tokenizer)
         self.windows = eval_windows(opts.valid, self.tok, opts.windows, opts.seq_len)
         self.float_dir = self.convert("float32", dtype="float32")
-        self.ref, _ = load(self.float_dir)
+        ref, _ = load(self.float_dir)
+        self.ref = [log_probs(ref, w) for w in self.windows]
+        mx.eval(self.ref)
 
     def convert(self, name: str, source: Path | None = None, **kw: Any) -> Path:
         out = self.work / name
@@ -119,7 +124,7 @@ class Bench:
         config = json.loads((folder / "config.json").read_text())
         model, _ = load(folder)
         out = {"label": label, "mb": folder_mb(folder), **extra,
-               **quality(self.ref, model, self.windows), "decode": decode_tps(model, self.tok),
+               **quality(self.ref, model, self.windows), "decode": decode_tps(model, self.tok, 16),
                "method": config.get("converted_by", {}).get("method")}  # fmt: skip
         print(json.dumps(out), flush=True)
         return out
@@ -224,7 +229,7 @@ def _random_3b_slice(work: Path) -> Path:
     full = ModelArgs.from_preset("3B").to_dict()
     keep = [0, full["num_transformer_layers"] - 1]
     config = {**full, "num_transformer_layers": 2}
-    for key in ("num_query_heads", "num_kv_heads", "ffn_dims"):
+    for key in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
         config[key] = [full[key][i] for i in keep]
     args = ModelArgs.from_dict(config)
     model = Model(args)
@@ -241,7 +246,7 @@ def part_numerics(b: Bench) -> list[dict[str, Any]]:
     for method in b.opts.methods:
         kw: dict[str, Any] = {"quantize": True, "bits": 4, "group_size": 64, "method": method}
         if method != "rtn":
-            kw.update(calibration=b.opts.calibration, calibration_samples=8)
+            kw["calibration_samples"] = 8
         if method == "dynamic":
             kw["bits_per_weight"] = 4.5
         result = convert(src, b.work / f"3b-{method}", tokenizer=b.opts.tokenizer, quality=True,

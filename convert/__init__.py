@@ -22,26 +22,14 @@ import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OutputExistsError
-from mlx_openelm.evaluate import read_texts
 from mlx_openelm.folder import write_model_folder
 
-from .calibration import DEFAULT_SAMPLES, calibration_windows
+from .calibration import DEFAULT_SAMPLES
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
-from .learned import (
-    METHODS,
-    check_method,
-    learn_quantization,
-    model_bits_per_weight,
-    model_tensors,
-    quantization_config,
-)
+from .learned import METHODS
+from .options import QuantOptions
 from .quality import QualityReport, quantization_quality
-from .quantize import (
-    MIXED_PRESETS,
-    check_quantization,
-    plan_quantization,
-    quantize_stream,
-)
+from .quantize import MIXED_PRESETS
 from .sources import FORMATS, open_source
 from .tensors import TensorRef
 
@@ -176,45 +164,26 @@ def convert(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
     out_dtype_name = _check_options(dtype, chat_template)
-    learned = method != "rtn"
-    plan_options = (bits, group_size, mixed) if (quantize or mixed or learned) else None
-    if plan_options:
-        check_quantization(*plan_options)  # before any download
-        check_method(method, bits, bits_per_weight, group_size)
-    if learned and (mixed or calibration is None):
-        raise ConfigError(
-            f"--method {method} needs --calibration FILE (text or JSONL like the model's use)"
-            if calibration is None
-            else f"--method {method} cannot be combined with --mixed (use --method dynamic)"
-        )
-    if calibration is not None:
-        read_texts(calibration)  # missing, empty or malformed: refused before any work
+    quant = QuantOptions(quantize, bits, group_size, mixed, method, calibration,
+                         calibration_samples, bits_per_weight, quantize_embedding)  # fmt: skip
+    quant.check()  # before any download
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
         raise ConfigError("no source given; pass a repo id, a folder or a checkpoint file")
     cps = [open_source(s, source_format, config_yaml, size, revision) for s in sources]
     cp = cps[0] if len(cps) == 1 else average_checkpoints(cps)
     tensors = prepare_tensors(cp)
-    plan = None
-    if plan_options:
-        plan = plan_quantization(cp.args, *plan_options, quantize_embedding=quantize_embedding)
     out_dtype_name = out_dtype_name or _default_dtype(cp.args)
     out_dtype = DTYPES[out_dtype_name]
     tok = _tokenizer(cp, tokenizer, chat_template)
-    if learned:
-        data = calibration_windows(calibration, tok, cp.args.vocab_size, calibration_samples)
-        model = learn_quantization(
-            _float_model(cp.args, tensors), method, data, bits=bits, group_size=group_size,
-            quantize_embedding=quantize_embedding, bits_per_weight=bits_per_weight,
-        )  # fmt: skip
-        quant_config, bpw = quantization_config(model), model_bits_per_weight(model)
-        stream = _learned_stream(model, out_dtype, on_progress)
-    else:
-        quant_config = plan.config() if plan else None
-        bpw = plan.bits_per_weight(_shapes(tensors)) if plan else None
-        stream = _stream(tensors, out_dtype, on_progress)
-        if plan is not None:
-            stream = quantize_stream(stream, plan)
+
+    def on_write(*p: Any) -> None:
+        if on_progress is not None:
+            on_progress(ConvertProgress("write", *p))
+
+    stream, quant_config, bpw = quant.tensors(
+        cp.args, tensors, tok, out_dtype, lambda: _stream(tensors, out_dtype, on_progress), on_write
+    )
     # Hashing the source files (4 GB for 1_1B) runs on another core while tensors are
     # converted; the record goes into config.json, which the writer serialises only after the
     # last tensor (_Pending is not JSON-serialisable, so any earlier use fails loudly).
@@ -255,29 +224,6 @@ def _probe_by_default(args: ModelArgs) -> bool:
     return args.num_parameters() < PROBE_ON_CPU_BELOW
 
 
-def _float_model(args: ModelArgs, tensors: Mapping[str, TensorRef]) -> Any:
-    """The whole model in float32 memory, for the learned methods."""
-    from mlx_openelm.model import Model
-
-    model = Model(args)
-    model.load_weights([(k, ref.to_mlx(mx.float32)) for k, ref in tensors.items()], strict=True)
-    mx.eval(model.parameters())
-    return model
-
-
-def _learned_stream(
-    model: Any, dtype: mx.Dtype, on_progress: Callable[[ConvertProgress], None] | None
-) -> Iterator[tuple[str, mx.array]]:
-    items = list(model_tensors(model, dtype))
-    total = sum(a.nbytes for _, a in items)
-    done = 0
-    for i, (name, array) in enumerate(items):
-        yield name, array
-        done += array.nbytes
-        if on_progress is not None:
-            on_progress(ConvertProgress("write", done, total, i + 1, len(items), name))
-
-
 def _check_options(dtype: str | None, chat_template: str | None) -> str | None:
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -290,10 +236,6 @@ def _check_options(dtype: str | None, chat_template: str | None) -> str | None:
 
 def _default_dtype(args: ModelArgs) -> str:
     return "bfloat16" if args.num_parameters() > BF16_ABOVE_PARAMETERS else "float16"
-
-
-def _shapes(tensors: Mapping[str, TensorRef]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
 def _tokenizer(cp: Checkpoint, tokenizer: str | Path | None, chat_template: str | None) -> Any:

@@ -20,8 +20,12 @@ DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
 
 
-def calibration_ids(path: str | Path, tokenizer: Any, vocab_size: int) -> list[int]:
-    """All token ids of a calibration file (ids the model cannot embed are dropped).
+def calibration_ids(
+    path: str | Path, tokenizer: Any, vocab_size: int, limit: int | None = None
+) -> list[int]:
+    """The token ids of a calibration file (ids the model cannot embed are dropped).
+
+    ``limit`` stops tokenizing once that many ids are read (None: the whole file).
 
     Raises:
         DataError: the file is missing, empty, not UTF-8 or malformed JSONL.
@@ -29,7 +33,9 @@ def calibration_ids(path: str | Path, tokenizer: Any, vocab_size: int) -> list[i
     ids: list[int] = []
     for text in read_texts(path):
         ids.extend(i for i in tokenizer.encode(text) if i < vocab_size)
-    return ids
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids[:limit]
 
 
 def calibration_windows(

@@ -95,7 +95,7 @@ def quantization_quality(
     if calibration is None:
         ids = [i for i in tokenizer.encode(PROBE_TEXT) if i < args.vocab_size]
     else:
-        ids = calibration_ids(calibration, tokenizer, args.vocab_size)
+        ids = calibration_ids(calibration, tokenizer, args.vocab_size, max_tokens)
         if len(ids) < 16:
             raise DataError(f"calibration file {calibration} holds {len(ids)} tokens; the "
                             "quality probe needs at least 16: use a longer file")  # fmt: skip

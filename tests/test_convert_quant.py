@@ -166,7 +166,7 @@ def test_unsupported_quantization_options_are_refused_before_writing(tmp_path, t
         assert not (tmp_path / "q").exists()
 
 
-def test_cli_quality_probe_is_opt_in_on_cpu(tmp_path, tiny_spm, source):
+def test_cli_quality_probe_runs_by_default_below_1b(tmp_path, tiny_spm, source):
     from typer.testing import CliRunner
 
     from mlx_openelm.cli import app
@@ -177,8 +177,8 @@ def test_cli_quality_probe_is_opt_in_on_cpu(tmp_path, tiny_spm, source):
     auto = runner.invoke(app, [*base[:2], str(tmp_path / "a"), *base[2:]])
     assert auto.exit_code == 0, auto.output
     assert "4-bit g32 (5.00 bits/weight)" in auto.output
-    if mx.default_device().type == mx.DeviceType.cpu:
-        assert "Quality probe skipped on CPU" in auto.output
-    forced = runner.invoke(app, [*base[:2], str(tmp_path / "b"), *base[2:], "--quality"])
-    assert forced.exit_code == 0, forced.output
-    assert "Quantization cost on a" in forced.output and "KL" in forced.output
+    assert "tokens of built-in English passage: perplexity" in auto.output
+    assert "KL" in auto.output and "top-1 agreement" in auto.output
+    off = runner.invoke(app, [*base[:2], str(tmp_path / "b"), *base[2:], "--no-quality"])
+    assert off.exit_code == 0, off.output
+    assert "Quantization cost" not in off.output and "Quality probe skipped" not in off.output
