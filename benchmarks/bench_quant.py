@@ -259,6 +259,37 @@ def part_numerics(b: Bench) -> list[dict[str, Any]]:
     return rows
 
 
+def render(part: str, rows: list[dict[str, Any]]) -> str:
+    """A markdown table of one part's rows (as saved with --json)."""
+    if part == "speed":
+        head = "| shape | weights | runs as | MB | decode tok/s | perplexity tok/s |\n"
+        head += "| --- | --- | --- | ---: | ---: | ---: |\n"
+        return head + "".join(
+            f"| {r['shape']} | {r['label']} | {r['runs_as']} | {r['mb']:.1f} | {r['decode']:.1f} "
+            f"| {r['ppl_tps']:.0f} |\n"
+            for r in rows
+        )
+    if part == "270m":
+        head = "| weights | MB | bits/weight | decode tok/s |\n| --- | ---: | ---: | ---: |\n"
+        return head + "".join(
+            f"| {r['label']} | {r['mb']:.0f} | {r['bpw'] or 0:.2f} | {r['decode']:.1f} |\n"
+            for r in rows
+        )
+    extra = part == "methods"
+    head = (
+        "| weights | MB | bits/weight | perplexity | vs float32 | mean KL | top-1 | decode tok/s |"
+    )
+    head += " convert s |\n" if extra else "\n"
+    head += "| --- |" + " ---: |" * (8 if extra else 7) + "\n"
+    return head + "".join(
+        f"| {r['label']} | {r['mb']:.2f} | {r['bpw'] or 32:.2f} | {r['ppl']:.2f} | "
+        f"{r['dppl']:+.2%} | {r['kl']:.4f} | {r['top1']:.1%} | {r['decode']:.0f} |"
+        + (f" {r['seconds']:.0f} |" if extra else "")
+        + "\n"
+        for r in rows
+    )
+
+
 PARTS = {"grid": part_grid, "methods": part_methods, "speed": part_speed, "270m": part_270m,
          "numerics": part_numerics}  # fmt: skip
 
@@ -278,7 +309,10 @@ def main() -> None:
     p.add_argument("--skip-270m", action="store_true")
     p.add_argument("--work", type=Path, default=None, help="Keep converted folders here.")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--render", type=Path, default=None, help="Print a saved --json as markdown.")
     opts = p.parse_args()
+    if opts.render:
+        return print(render(opts.part, json.loads(opts.render.read_text())))
     with tempfile.TemporaryDirectory() as tmp:
         work = opts.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -286,6 +320,7 @@ def main() -> None:
         rows = PARTS[opts.part](Bench(opts, work))
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=1))
+    print(render(opts.part, rows))
 
 
 if __name__ == "__main__":
