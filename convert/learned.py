@@ -4,7 +4,8 @@ Round-to-nearest (``rtn``, ``convert.quantize``) streams tensor by tensor. The l
 need the float model in memory (float32) and calibration windows (``convert.calibration``):
 
 - ``gptq``: mlx-lm's ``gptq_quantize`` (Hessians from the calibration activations, column-wise
-  error feedback) on every linear layer; the tied embedding gets round-to-nearest. mlx-lm packs
+  error feedback) on every linear layer and on the tied output head (as a linear layer over the
+  final hidden states; the embedding lookup reuses its codes: mlx-lm would round it). mlx-lm packs
   only 2, 4 and 8 bits; :func:`pack_codes` packs any MLX width (MLX's layout is a plain LSB-first
   bit stream over each row), so 3 and 6 bits work too.
 - ``awq``: mlx-lm's ``awq_quantize`` with an OpenELM entry (:data:`OPENELM_AWQ`): activation-aware
@@ -126,10 +127,7 @@ def learn_quantization(
     _check_widths(model, group_size)
     embedding = model.transformer.token_embeddings
     if method == "gptq":
-        with _gptq_any_width():
-            from mlx_lm.quant.gptq import gptq_quantize
-
-            gptq_quantize(model, data, bits, group_size, bits, group_size, batch_size=BATCH_SIZE)
+        _gptq(model, data, bits, group_size)
     elif method == "awq":
         from mlx_lm.quant.awq import awq_quantize
 
@@ -160,6 +158,37 @@ def _check_widths(model: Model, group_size: int) -> None:
             f"{' …' if len(odd) > 4 else ''}; learned methods quantize every layer: pass a "
             "smaller --group-size, or --method rtn (which keeps those layers float)"
         )
+
+
+class _HeadView(nn.Module):
+    """The model with its tied output head as a plain ``nn.Linear`` (sharing the embedding's
+    matrix), so mlx-lm's GPTQ quantizes the head from the Hessian of its own inputs (the final
+    hidden states) like any other linear layer; the embedding then reuses those codes."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.transformer = model.transformer
+        emb = model.transformer.token_embeddings
+        self.head = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
+        self.head.weight = emb.weight
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.head(self.transformer(ids))
+
+
+def _gptq(model: Model, data: mx.array, bits: int, group_size: int) -> None:
+    from mlx_lm.quant.gptq import gptq_quantize
+
+    tied = model.args.share_input_output_layers
+    target = _HeadView(model) if tied else model
+    with _gptq_any_width():
+        gptq_quantize(target, data, bits, group_size, bits, group_size, batch_size=BATCH_SIZE)
+    if tied:
+        head = target.head  # now a QuantizedLinear; the embedding got round-to-nearest
+        emb = nn.QuantizedEmbedding(head.weight.shape[0], head.weight.shape[1] * 32 // bits,
+                                    group_size=group_size, bits=bits)  # fmt: skip
+        emb.weight, emb.scales, emb.biases = head.weight, head.scales, head.biases
+        model.transformer.token_embeddings = emb
 
 
 class _AWQView(nn.Module):
