@@ -47,7 +47,6 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-@register_model("mlx-openelm")
 class OpenELMLM(LM):
     """lm-eval's ``LM`` over an OpenELM folder (or hub id) loaded by mlx-openelm.
 
@@ -220,8 +219,12 @@ def main() -> None:
     """lm-eval's command line, with ``--model mlx-openelm`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
+    import mlx_openelm.lm_eval_backend  # noqa: F401 - registers the importable class
+
     cli_evaluate()
 
 
 if __name__ == "__main__":
-    main()
+    main()  # `python -m`: this copy runs as __main__ and registers nothing (the import above does)
+else:
+    register_model("mlx-openelm")(OpenELMLM)

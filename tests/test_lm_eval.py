@@ -340,3 +340,17 @@ def test_adapter_is_applied_and_a_foreign_one_is_one_line(shk, tiny_model_dir, t
     line = _error_line(runner.invoke(app, [*args, "--include-path", str(tasks), "--adapter",
                                            str(foreign)]))  # fmt: skip
     assert "adapter" in line.lower()
+
+
+def test_lm_eval_own_command_line_runs_the_backend(shk, monkeypatch, capsys):
+    """`python -m mlx_openelm.lm_eval_backend` is lm-eval's CLI with `--model mlx-openelm`."""
+    from mlx_openelm.lm_eval_backend import main
+
+    folder, _, _, tasks, _, _ = shk
+    argv = ["lm-eval", "run", "--model", "mlx-openelm", "--model_args", f"pretrained={folder}"]
+    argv += ["--tasks", "shk_choice", "--include_path", str(tasks), "--limit", "2"]
+    monkeypatch.setattr("sys.argv", argv)
+    main()
+    table = capsys.readouterr().out
+    assert "mlx-openelm ({'pretrained'" in table and "|shk_choice|" in table
+    assert "acc_norm" in table
