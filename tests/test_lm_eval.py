@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED
+from lora_helpers import write_random_lora
 from typer.testing import CliRunner
 
 from openelm_ref import forward, log_softmax
@@ -301,33 +302,12 @@ def test_registered_for_lm_eval_by_name_and_entry_point():
     assert ep.load() is OpenELMLM
 
 
-def _random_adapter(folder: Path, out: Path) -> Path:
-    """A LoRA adapter with non-zero weights for the model in ``folder``."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from mlx_openelm.loading import load_model
-
-    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]}
-    model, _ = load_model(folder)
-    model.freeze()
-    linear_to_lora_layers(model, 2, lora)
-    mx.random.seed(0)
-    params = {k: mx.random.normal(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
 def test_adapter_is_applied_and_a_foreign_one_is_one_line(shk, tiny_model_dir, tmp_path):
     from mlx_openelm.evaluate import ChoiceQuestion, choice_loglikelihoods
     from mlx_openelm.generate import load_for_generation
 
     folder, plain, _, tasks, _, _ = shk
-    adapter = _random_adapter(folder, tmp_path / "ours")
+    adapter = write_random_lora(folder, tmp_path / "ours")
     lm = OpenELMLM(pretrained=str(folder), adapter_path=str(adapter), on_progress=lambda *a: None)
     q = ChoiceQuestion("ROMEO:\nBut soft, what light", ("through yonder", "is the east"), 0)
     reqs = [Instance("loglikelihood", {}, (q.context, " " + c), 0) for c in q.choices]
@@ -335,7 +315,7 @@ def test_adapter_is_applied_and_a_foreign_one_is_one_line(shk, tiny_model_dir, t
     model, tok, _ = load_for_generation(folder, adapter_path=adapter)
     assert got == choice_loglikelihoods(model, tok, q)
     assert got != [ll for ll, _ in plain.loglikelihood(reqs)]
-    foreign = _random_adapter(tiny_model_dir, tmp_path / "foreign")
+    foreign = write_random_lora(tiny_model_dir, tmp_path / "foreign")
     args = ["eval", "lm-eval", "-m", str(folder), "--tasks", "shk_choice", "--offline"]
     line = _error_line(runner.invoke(app, [*args, "--include-path", str(tasks), "--adapter",
                                            str(foreign)]))  # fmt: skip
