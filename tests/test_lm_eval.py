@@ -334,3 +334,16 @@ def test_lm_eval_own_command_line_runs_the_backend(shk, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "mlx-openelm ({'pretrained'" in table and "|shk_choice|" in table
     assert "acc_norm" in table
+
+
+def test_request_cache_resumes_a_run(shk, tmp_path):
+    """With --cache, a rerun scores only the requests the last run did not get to."""
+    _, lm, _, tasks, _, _ = shk
+    cache = tmp_path / "requests"
+    runs = []
+    for limit in (1, 1, 2):
+        with Recorder(lm) as rec:
+            options = LMEvalOptions(("shk_choice",), limit=limit, include_path=tasks, cache=cache)
+            run_lm_eval(lm, options)
+        runs.append(len(rec.calls))
+    assert runs == [4, 0, 4]
