@@ -347,3 +347,15 @@ def test_request_cache_resumes_a_run(shk, tmp_path):
             run_lm_eval(lm, options)
         runs.append(len(rec.calls))
     assert runs == [4, 0, 4]
+
+
+def test_apply_chat_template_renders_the_zephyr_prompt(shk, tiny_model_dir):
+    _, _, _, tasks, test, _ = shk
+    lm = OpenELMLM(pretrained=str(tiny_model_dir), on_progress=lambda *a: None)
+    with Recorder(lm) as rec:
+        options = LMEvalOptions(("shk_choice",), limit=1, include_path=tasks)
+        run_lm_eval(lm, LMEvalOptions(**{**vars(options), "apply_chat_template": True}))
+    q = read_choice_tasks(test)[0]
+    assert {args[0] for args, _ in rec.calls} == {f"<|user|>\n{q.context}</s>\n<|assistant|>\n"}
+    # lm-eval drops the target delimiter after a chat prompt: the answer starts the reply.
+    assert [args[1] for args, _ in rec.calls] == list(q.choices)
