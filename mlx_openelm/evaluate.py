@@ -307,14 +307,25 @@ def choice_loglikelihoods(
     return [s for s, _ in pair_scores(model, tokenizer, question.context, conts, max_length)]
 
 
+def check_continuations(
+    context: str, texts: Sequence[str], conts: Sequence[list[int]], max_length: int
+) -> None:
+    """Raises DataError for a continuation with no token of its own or longer than max_length."""
+    for text, cont in zip(texts, conts):
+        if not cont:
+            raise DataError(
+                f"choice {text!r} adds no token after the context {context[-40:]!r} "
+                "(it merges into the context's last token); use a delimiter such as ' '"
+            )
+        if len(cont) > max_length:
+            raise DataError(f"a choice is {len(cont)} tokens, more than max_length={max_length}")
+
+
 def pair_scores(
     model: Any, tokenizer: Any, context: str, continuations: Sequence[str], max_length: int = 2048
 ) -> list[tuple[float, bool]]:
-    """``(log-likelihood, is_greedy)`` of each continuation string after one context string.
-
-    lm-eval's ``loglikelihood`` for requests sharing a context: pairs are split by
-    :func:`encode_pair`, the context runs once, and a context too long for ``max_length`` loses
-    tokens on the left per continuation (see :func:`choice_loglikelihoods`).
+    """``(log-likelihood, is_greedy)`` of each continuation string after one context string:
+    lm-eval's ``loglikelihood`` of requests sharing a context (split by :func:`encode_pair`).
 
     Raises:
         DataError: a continuation adds no token, or alone is longer than ``max_length`` tokens.
@@ -322,15 +333,8 @@ def pair_scores(
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     ctx = pairs[0][0]  # the context's tokens do not depend on the continuation
     conts = [cont for _, cont in pairs]
-    for text, cont in zip(continuations, conts):
-        if not cont:
-            raise DataError(
-                f"choice {text!r} adds no token after the context {context[-40:]!r} "
-                "(it merges into the context's last token); use a delimiter such as ' '"
-            )
+    check_continuations(context, continuations, conts, max_length)
     longest = max(len(c) for c in conts)
-    if longest > max_length:
-        raise DataError(f"a choice is {longest} tokens, more than max_length={max_length}")
     if len(ctx) + longest <= max_length + 1:
         return continuation_scores(model, ctx, conts)
     # Too long: like lm-eval, each choice keeps as much context as fits beside it.

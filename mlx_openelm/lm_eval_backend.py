@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import mlx.core as mx
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from . import fastmath
 from .errors import DataError
-from .evaluate import _windows_nll, pair_scores
+from .evaluate import _windows_nll, check_continuations, encode_pair, pair_scores
 from .generate import generate, load_for_generation
 from .tokenizer import MODEL_MAX_LENGTH
 
@@ -110,14 +112,32 @@ class OpenELMLM(LM):
             groups.setdefault(r.args[0], []).append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         report = self._reporter("loglikelihood", len(requests))
+        singles = []  # (request, tokens, first target): contexts with one continuation
         for context, idx in groups.items():
             conts = [requests[i].args[1] for i in idx]
+            if len(idx) == 1:
+                singles.append((idx[0], *self._single(context, conts[0])))
+                continue
             scores = pair_scores(self.model, self.tok, context, conts, self.max_length)
             for i, score in zip(idx, scores):
                 results[i] = score
-            report(len(idx), sum(len(c) for c in conts))
+            report(len(idx), len(self.tok.encode(context, add_bos=True)))
+        # e.g. WinoGrande: every context has one continuation, so batch them side by side.
+        singles.sort(key=lambda s: len(s[1]))
+        for b in range(0, len(singles), self.batch_size):
+            batch = singles[b : b + self.batch_size]
+            for (i, _, _), score in zip(batch, padded_scores(self.model, [s[1:] for s in batch])):
+                results[i] = score
+            report(len(batch), sum(len(t) for _, t, _ in batch))
         report.close()
         return results  # type: ignore[return-value]
+
+    def _single(self, context: str, continuation: str) -> tuple[list[int], int]:
+        """Tokens of one pair cut to ``max_length + 1`` on the left, and its first target."""
+        ctx, cont = encode_pair(self.tok, context, continuation)
+        check_continuations(context, [continuation], [cont], self.max_length)
+        tokens = (ctx + cont)[-(self.max_length + 1) :]
+        return tokens, len(tokens) - len(cont)
 
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
         jobs: list[tuple[int, list[int], int]] = []  # (request, window tokens, first target)
@@ -185,6 +205,26 @@ class OpenELMLM(LM):
 
     def _reporter(self, kind: str, total: int) -> _Reporter:
         return _Reporter(kind, total, self.on_progress)
+
+
+def padded_scores(model: Any, rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of ``tokens[first:]`` for each ``(tokens, first)`` row.
+
+    The rows run in one right-padded batch (padding sits after every real token, so causal
+    attention never sees it).
+    """
+    longest = max(len(t) for t, _ in rows)
+    tokens = mx.array([t + [0] * (longest - len(t)) for t, _ in rows])  # (B, longest)
+    logits = model(tokens[:, :-1]).astype(mx.float32)  # (B, longest-1, V): i predicts i + 1
+    logp = logits - fastmath.logsumexp(logits)[..., None]
+    target = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, longest-1)
+    pos = mx.arange(longest - 1)[None]
+    first = mx.array([f for _, f in rows])[:, None]
+    end = mx.array([len(t) for t, _ in rows])[:, None]
+    scored = (pos >= first - 1) & (pos < end - 1)
+    hits = (mx.argmax(logits, axis=-1) == tokens[:, 1:]) | ~scored
+    sums = (target * scored).sum(axis=-1).tolist()
+    return [(float(x), bool(g)) for x, g in zip(sums, hits.all(axis=-1).tolist())]
 
 
 class _Reporter:

@@ -359,3 +359,25 @@ def test_apply_chat_template_renders_the_zephyr_prompt(shk, tiny_model_dir):
     assert {args[0] for args, _ in rec.calls} == {f"<|user|>\n{q.context}</s>\n<|assistant|>\n"}
     # lm-eval drops the target delimiter after a chat prompt: the answer starts the reply.
     assert [args[1] for args, _ in rec.calls] == list(q.choices)
+
+
+def test_contexts_with_one_continuation_are_batched_with_the_same_scores(shk):
+    """WinoGrande's shape: each option changes the context, the continuation is shared."""
+    from mlx_openelm.evaluate import pair_scores
+
+    _, lm, ref, _, _, _ = shk
+    options = ["the Moor", "Desdemona", "Iago, that villain,", "my noble lord"]
+    contexts = [f"I think {o} loves her, for" for o in options]
+    cont = " she is fair and honest."
+    reqs = [Instance("loglikelihood", {}, (c, cont), i) for i, c in enumerate(contexts)]
+    lm.batch_size = 3  # two batches, one padded
+    try:
+        got = lm.loglikelihood(reqs)
+    finally:
+        lm.batch_size = 8
+    for c, (ll, greedy) in zip(contexts, got):
+        ((expected, expected_greedy),) = pair_scores(lm.model, lm.tok, c, [cont])
+        assert ll == pytest.approx(expected, rel=1e-5) and greedy == expected_greedy
+        ctx = lm.tok.encode(c, add_bos=True)
+        whole = lm.tok.encode(c + cont, add_bos=True)
+        assert ll == pytest.approx(_ref_logprob(ref, whole, len(ctx)), rel=1e-4)
