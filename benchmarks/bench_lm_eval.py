@@ -9,7 +9,7 @@ must give the same log-likelihoods (checked, rtol 1e-3).
 
     python benchmarks/bench_lm_eval.py                       # the trained tiny checkpoint
     python benchmarks/bench_lm_eval.py --preset 270M -q 16   # a random OpenELM-270M folder
-    python benchmarks/bench_lm_eval.py --write               # also replace ## lm-eval [(PRESET)] in RESULTS.md
+    python benchmarks/bench_lm_eval.py --write   # also replace ## lm-eval [(PRESET)] in RESULTS.md
 """
 
 from __future__ import annotations

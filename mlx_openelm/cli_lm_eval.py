@@ -122,11 +122,10 @@ def lm_eval_cmd(
     run.require_lm_eval()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes drown the table
     run.use_local_datasets(data_dir, offline)
-    names = run.paper_tasks() if preset else [t for t in (tasks or "").split(",") if t.strip()]
+    names = run.task_names(tasks, preset and preset.value)
     options = run.LMEvalOptions(
-        tuple(n.strip() for n in names), 0 if preset else num_fewshot, limit, offset,
-        include_path, apply_chat_template, cache,
-    )  # fmt: skip
+        names, 0 if preset else num_fewshot, limit, offset, include_path, apply_chat_template, cache
+    )
     from mlx_openelm.lm_eval_backend import OpenELMLM
 
     bar, update = _progress()

@@ -214,8 +214,22 @@ def paper_rows(results: dict[str, Any], config: dict[str, Any]) -> list[PaperRow
     return rows
 
 
-def paper_tasks() -> list[str]:
-    return list(paper_table()["metrics"])
+def task_names(tasks: str | None, preset: str | None = None) -> tuple[str, ...]:
+    """Names from a comma-separated ``--tasks`` list, or the preset's (``openelm-paper``).
+
+    Raises:
+        DataError: both or neither given, or an unknown preset.
+    """
+    if preset is not None:
+        if tasks:
+            raise DataError(f"--preset {preset} picks its own tasks; drop --tasks {tasks}")
+        if preset != PAPER_PRESET:
+            raise DataError(f"unknown preset {preset!r}; the only one is {PAPER_PRESET!r}")
+        return tuple(paper_table()["metrics"])
+    names = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
+    if not names:
+        raise DataError("no tasks given; pass --tasks arc_easy,hellaswag or --preset openelm-paper")
+    return names
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> None:

@@ -381,3 +381,15 @@ def test_contexts_with_one_continuation_are_batched_with_the_same_scores(shk):
         ctx = lm.tok.encode(c, add_bos=True)
         whole = lm.tok.encode(c + cont, add_bos=True)
         assert ll == pytest.approx(_ref_logprob(ref, whole, len(ctx)), rel=1e-4)
+
+
+def test_task_names_from_tasks_or_the_preset():
+    from mlx_openelm.errors import DataError
+    from mlx_openelm.lm_eval_run import task_names
+
+    assert task_names(" arc_easy, hellaswag ,") == ("arc_easy", "hellaswag")
+    assert task_names(None, "openelm-paper")[:2] == ("arc_challenge", "arc_easy")
+    with pytest.raises(DataError, match="drop --tasks"):
+        task_names("arc_easy", "openelm-paper")
+    with pytest.raises(DataError, match="no tasks given"):
+        task_names(" , ")
