@@ -271,7 +271,25 @@ def test_cli_bad_inputs_are_one_line(shk, tmp_path):
     assert "no chat template" in line
 
 
-def test_cli_unknown_task_and_missing_paper_dataset(shk):
+PAPER_TASK_DIRS = ("arc", "piqa", "super_glue/boolq", "hellaswag", "sciq", "winogrande")
+
+
+@pytest.fixture
+def paper_tasks_only(monkeypatch):
+    """lm-eval's real YAML for the paper's tasks, without indexing its thousands of others."""
+    from lm_eval.tasks import TaskManager
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    dirs = [str(root / d) for d in PAPER_TASK_DIRS]
+
+    def manager(include_path):
+        extra = [include_path] if include_path else []
+        return TaskManager(include_path=dirs + extra, include_defaults=False)
+
+    monkeypatch.setattr("mlx_openelm.lm_eval_run._full_task_manager", manager)
+
+
+def test_cli_unknown_task_and_missing_paper_dataset(shk, paper_tasks_only):
     folder = str(shk[0])
     line = _error_line(runner.invoke(app, ["eval", "lm-eval", "-m", folder, "--tasks", "arc_esy"]))
     assert "unknown lm-eval task 'arc_esy'" in line and "arc_easy" in line
@@ -324,9 +342,16 @@ def test_adapter_is_applied_and_a_foreign_one_is_one_line(shk, tiny_model_dir, t
 
 def test_lm_eval_own_command_line_runs_the_backend(shk, monkeypatch, capsys):
     """`python -m mlx_openelm.lm_eval_backend` is lm-eval's CLI with `--model mlx-openelm`."""
+    import functools
+
+    import lm_eval.tasks
+
     from mlx_openelm.lm_eval_backend import main
 
     folder, _, _, tasks, _, _ = shk
+    # Index only --include_path (lm-eval's thousands of built-in task files take seconds).
+    local = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local)
     argv = ["lm-eval", "run", "--model", "mlx-openelm", "--model_args", f"pretrained={folder}"]
     argv += ["--tasks", "shk_choice", "--include_path", str(tasks), "--limit", "2"]
     monkeypatch.setattr("sys.argv", argv)
