@@ -28,19 +28,27 @@ from bench_blas import RESULTS, TOKENIZER, machine_line, make_folder, replace_se
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "models" / "openelm-tiny-shakespeare"
 VALID = SHARED / "data" / "shakespeare" / "valid.jsonl"
-TASK = """task: bench_choice
+TASK = """task: bench_{shape}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {test}}}}}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
+{docs}
 metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
 """
+# choice: HellaSwag/ARC-like, 4 continuations of one context. partial: WinoGrande-like ("partial
+# evaluation"), 2 contexts that differ in one word, one shared continuation.
+DOCS = {  # doc_to_text, doc_to_choice, doc_to_target (an index as text: one input per choice)
+    shape: f'doc_to_text: "{{{{{t}}}}}"\ndoc_to_choice: "{{{{{c}}}}}"\ndoc_to_target: "{{{{{g}}}}}"'
+    for shape, (t, c, g) in {
+        "choice": ("context", "choices", "answer"),
+        "partial": ("answer", "contexts", "target"),
+    }.items()
+}
+CHOICES = {"choice": 4, "partial": 2}
 
 
-def write_task(folder: Path, n: int, context_words: int, choice_words: int) -> Path:
+def write_task(folder: Path, shape: str, n: int, context_words: int, choice_words: int) -> Path:
     """A task YAML over ``n`` questions: ``context_words`` of a passage, then the next words."""
     rng = random.Random(0)
     texts = [json.loads(line)["text"].split() for line in VALID.read_text().splitlines()]
@@ -48,15 +56,23 @@ def write_task(folder: Path, n: int, context_words: int, choice_words: int) -> P
     records = []
     for i in range(n):
         w, cut = texts[i % len(texts)], context_words + rng.randint(0, 20)
+        if shape == "partial":
+            swap = texts[(i + 7) % len(texts)][cut]
+            contexts = [" ".join(w[:cut]), " ".join([*w[: cut - 1], swap])]
+            target = " ".join(w[cut : cut + choice_words])
+            records.append({"contexts": contexts, "target": target, "answer": 0})
+            continue
         choices = [" ".join(w[cut : cut + choice_words])]
         for k in (5, 11, 17):
             other = texts[(i + k) % len(texts)]
             choices.append(" ".join(other[: choice_words - rng.randint(0, 3)]))
         records.append({"context": " ".join(w[:cut]), "choices": choices, "answer": 0})
-    data = folder / "bench.jsonl"
+    data = folder / f"{shape}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "tasks").mkdir(exist_ok=True)
-    (folder / "tasks" / "bench.yaml").write_text(TASK.format(test=data))
+    (folder / "tasks" / f"{shape}.yaml").write_text(
+        TASK.format(shape=shape, test=data, docs=DOCS[shape])
+    )
     return folder / "tasks"
 
 
@@ -78,14 +94,14 @@ class Timed:
         lm.loglikelihood = timed
 
 
-def run(lm, tasks: Path, limit: int) -> Timed:
+def run(lm, tasks: Path, shape: str, limit: int) -> Timed:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     timed = Timed(lm)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     lm_eval.simple_evaluate(
-        model=lm, tasks=["bench_choice"], task_manager=manager, limit=limit, log_samples=False
+        model=lm, tasks=[f"bench_{shape}"], task_manager=manager, limit=limit, log_samples=False
     )
     return timed
 
@@ -117,6 +133,7 @@ def model_folder(a, tmp: Path) -> tuple[Path, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default=None, help="random OpenELM of this size instead")
+    ap.add_argument("--shape", choices=tuple(DOCS), default="choice")
     ap.add_argument("-q", type=int, default=32, help="questions")
     ap.add_argument("--context", type=int, default=60, help="context words (+0-20)")
     ap.add_argument("--choice", type=int, default=12, help="words per choice")
@@ -126,13 +143,13 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder, what = model_folder(a, Path(tmp))
-        tasks = write_task(Path(tmp), a.q, a.context, a.choice)
+        tasks = write_task(Path(tmp), a.shape, a.q, a.context, a.choice)
         lms = backends(folder, a.batch_size)
         rates: dict[str, list[float]] = {name: [] for name in lms}
         results = {}
         for r in range(a.n):
             for name, lm in list(lms.items())[:: 1 if r % 2 == 0 else -1]:
-                t = run(lm, tasks, a.q)
+                t = run(lm, tasks, a.shape, a.q)
                 rates[name].append(t.requests / t.seconds)
                 results[name] = dict(t.results)
     ours, theirs = (results[n] for n in lms)
@@ -143,18 +160,23 @@ def main() -> None:
     lines.append("| --- | ---: | ---: | ---: |")
     for name, rs in rates.items():
         m = statistics.median(rs)
-        lines.append(f"| {name} | {m:.1f} | {m / 4:.2f} | {m / base:.2f}× |")
+        lines.append(f"| {name} | {m:.1f} | {m / CHOICES[a.shape]:.2f} | {m / base:.2f}× |")
     table = "\n".join(lines) + "\n"
+    shape = {
+        "choice": f"4 choices of about {a.choice} words after one context",
+        "partial": f"WinoGrande-style: 2 contexts one word apart, one {a.choice}-word continuation",
+    }[a.shape]
     intro = (
         f"{machine_line()}\n\n{what}, float32; lm-eval {_version()}, a local multiple-choice task "
-        f"of {a.q} questions ({a.context}-{a.context + 20} words of context, 4 choices of about "
-        f"{a.choice} words), batch size {a.batch_size}, medians of {a.n} rounds, timed around "
-        f"`loglikelihood` (`python benchmarks/bench_lm_eval.py{_flags(a)}`). Both backends give "
-        "the same log-likelihoods (rtol 1e-3).\n\n"
+        f"of {a.q} questions ({a.context}-{a.context + 20} words of context; {shape}), batch "
+        f"size {a.batch_size}, medians of {a.n} rounds, timed around `loglikelihood` (`python "
+        f"benchmarks/bench_lm_eval.py{_flags(a)}`). Both backends give the same log-likelihoods "
+        "(rtol 1e-3).\n\n"
     )
     print(intro + table)
     if a.write:
-        title = "lm-eval" + (f" ({a.preset})" if a.preset else "")
+        parts = [x for x in (a.preset, a.shape if a.shape != "choice" else None) if x]
+        title = "lm-eval" + "".join(f" ({x})" for x in parts)
         RESULTS.write_text(replace_section(RESULTS.read_text(), title, intro + table + "\n"))
 
 
@@ -165,7 +187,8 @@ def _version() -> str:
 
 
 def _flags(a) -> str:
-    return f" --preset {a.preset} -q {a.q}" if a.preset else ""
+    flags = f" --preset {a.preset} -q {a.q}" if a.preset else ""
+    return flags + (f" --shape {a.shape}" if a.shape != "choice" else "")
 
 
 if __name__ == "__main__":

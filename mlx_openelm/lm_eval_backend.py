@@ -28,6 +28,7 @@ import mlx.core as mx
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from mlx_lm.models.cache import make_prompt_cache
 
 from . import fastmath
 from .errors import DataError
@@ -123,7 +124,7 @@ class OpenELMLM(LM):
                 results[i] = score
             report(len(idx), len(self.tok.encode(context, add_bos=True)))
         # e.g. WinoGrande: every context has one continuation, so batch them side by side.
-        singles.sort(key=lambda s: len(s[1]))
+        singles.sort(key=lambda s: (s[2], len(s[1])))  # similar contexts: little padding
         for b in range(0, len(singles), self.batch_size):
             batch = singles[b : b + self.batch_size]
             for (i, _, _), score in zip(batch, padded_scores(self.model, [s[1:] for s in batch])):
@@ -210,20 +211,26 @@ class OpenELMLM(LM):
 def padded_scores(model: Any, rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     """``(log-likelihood, is_greedy)`` of ``tokens[first:]`` for each ``(tokens, first)`` row.
 
-    The rows run in one right-padded batch (padding sits after every real token, so causal
-    attention never sees it).
+    The rows run as one batch: first the prefix every row has (no padding there) into a KV
+    cache, whose logits are never computed (MLX evaluates lazily and nothing reads them), then
+    the rest right-padded (padding sits after every real token: causal attention never sees it).
     """
     longest = max(len(t) for t, _ in rows)
     tokens = mx.array([t + [0] * (longest - len(t)) for t, _ in rows])  # (B, longest)
-    logits = model(tokens[:, :-1]).astype(mx.float32)  # (B, longest-1, V): i predicts i + 1
+    lo = min(f for _, f in rows) - 1  # positions before lo predict context tokens only
+    cache = make_prompt_cache(model)
+    if lo > 0:
+        model(tokens[:, :lo], cache=cache)
+    logits = model(tokens[:, lo:-1], cache=cache).astype(mx.float32)  # (B, longest-1-lo, V)
     logp = logits - fastmath.logsumexp(logits)[..., None]
-    target = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, longest-1)
-    pos = mx.arange(longest - 1)[None]
+    targets = tokens[:, lo + 1 :]  # position i predicts token i + 1
+    picked = mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    pos = mx.arange(lo, longest - 1)[None]
     first = mx.array([f for _, f in rows])[:, None]
     end = mx.array([len(t) for t, _ in rows])[:, None]
     scored = (pos >= first - 1) & (pos < end - 1)
-    hits = (mx.argmax(logits, axis=-1) == tokens[:, 1:]) | ~scored
-    sums = (target * scored).sum(axis=-1).tolist()
+    hits = (mx.argmax(logits, axis=-1) == targets) | ~scored
+    sums = (picked * scored).sum(axis=-1).tolist()
     return [(float(x), bool(g)) for x, g in zip(sums, hits.all(axis=-1).tolist())]
 
 
