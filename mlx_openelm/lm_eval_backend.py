@@ -6,6 +6,7 @@ answers lm-eval's three request types with the code ``mlx-openelm eval`` uses, s
 - ``loglikelihood``: requests sharing a context are scored together (``evaluate.pair_scores``):
   the context runs once into a KV cache and every continuation continues from a copy of it in one
   padded batch; a context too long for ``max_length`` loses tokens on the left, as in lm-eval.
+  Contexts with a single continuation (WinoGrande, LAMBADA) run ``batch_size`` at a time.
 - ``loglikelihood_rolling``: lm-eval's own rolling windows (``get_rolling_token_windows`` with BOS
   as the prefix token, so every token of the text is scored once, given BOS and up to
   ``max_length - 1`` tokens before it), windows of one length in batches of ``batch_size``.
@@ -13,9 +14,10 @@ answers lm-eval's three request types with the code ``mlx-openelm eval`` uses, s
 
 Registered as ``mlx-openelm`` on import and through the ``lm_eval.models`` entry point. Build it
 from Python with ``OpenELMLM(pretrained=FOLDER)`` or from an ``lm_eval`` model-args string
-(``pretrained=FOLDER,adapter_path=DIR,batch_size=8``). This module needs ``lm-eval`` (the
-``[eval]`` extra); ``python -m mlx_openelm.lm_eval_backend ARGS`` runs lm-eval's own command line
-with the backend registered (for lm-eval releases without entry-point discovery).
+(``pretrained=FOLDER,adapter_path=DIR``; the batch size is lm-eval's ``--batch_size``). This
+module needs ``lm-eval`` (the ``[eval]`` extra); ``python -m mlx_openelm.lm_eval_backend ARGS``
+runs lm-eval's own command line with the backend registered (for lm-eval releases without
+entry-point discovery).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class OpenELMLM(LM):
         pretrained: model folder or hub repo id (converted once, like ``--model``).
         adapter_path: LoRA adapter folder to apply.
         tokenizer: explicit ``tokenizer.model`` file.
-        batch_size: rows per forward pass (rolling windows); choices of one context always run
-            together. lm-eval's ``auto`` means the default.
+        batch_size: rows per forward pass (rolling windows, single-continuation contexts);
+            the choices of one context always run together. lm-eval's ``auto``: the default.
         max_length: most tokens the model sees (OpenELM's context is 2048).
         max_gen_toks: generation cap when a request names none.
         on_progress: ``(kind, done, total, tokens, seconds)`` after each step; without it a tqdm
