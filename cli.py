@@ -274,6 +274,7 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
 
 
 # === serve (server issue) ===
+from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
 from mlx_openelm.server_schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -300,9 +301,9 @@ def serve(
             help="Require 'Authorization: Bearer KEY' (all routes but /health).",
         ),
     ] = None,
-    max_tokens: MaxTokensOpt = _SERVE.max_tokens,
-    temp: TempOpt = _SERVE.temp,
-    top_p: TopPOpt = _SERVE.top_p,
+    max_tokens: MaxTokensOpt = _SERVE.generation.max_tokens,
+    temp: TempOpt = _SERVE.generation.temp,
+    top_p: TopPOpt = _SERVE.generation.top_p,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
     ] = _SERVE.max_queue,
@@ -313,9 +314,8 @@ def serve(
     """
     import logging
 
-    settings = ServerSettings(
-        api_key=api_key, max_tokens=max_tokens, temp=temp, top_p=top_p, max_queue=max_queue
-    )
+    generation = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p)
+    settings = ServerSettings(api_key=api_key, generation=generation, max_queue=max_queue)
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
 

@@ -22,7 +22,7 @@ from mlx_openelm.cli_common import (
     TopPOpt,
     err,
 )
-from mlx_openelm.generate import (
+from mlx_openelm.generate_options import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_NUM_DRAFT,
@@ -30,6 +30,7 @@ from mlx_openelm.generate import (
     DEFAULT_TEMP,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    GenerationOptions,
 )
 
 PromptOpt = Annotated[
@@ -58,12 +59,10 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def _sampling(max_tokens: int, **options: object) -> dict[str, object]:
-    """Check the flags before a model loads, so a bad value fails at once."""
-    from mlx_openelm.generate import validate_options
-
-    validate_options(max_tokens=max_tokens, **{k: v for k, v in options.items() if k != "seed"})
-    return options
+def _options(flags: dict[str, object]) -> GenerationOptions:
+    """The generation options among a command's parameters (named like the fields), checked
+    before a model loads so that a bad value fails at once."""
+    return GenerationOptions.from_mapping(flags).validate()
 
 
 def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
@@ -100,21 +99,17 @@ def generate(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
 ) -> None:
     """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
+    options = _options(locals())
     from mlx_openelm.errors import GenerationError
     from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
     from mlx_openelm.generate import stream_generate as stream
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
@@ -123,7 +118,7 @@ def generate(
     )
     ids = build_prompt(tok, text, system, raw)
     last, drafted = None, 0
-    for r in stream(m, tok, ids, max_tokens, draft_model=draft, **sampling):
+    for r in stream(m, tok, ids, options=options, draft_model=draft):
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
@@ -169,25 +164,19 @@ def chat(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
+    options = _options(locals())
     from mlx_openelm.chat import ChatSession, run_repl
     from mlx_openelm.generate import load_for_generation
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
-    session = ChatSession(
-        m, tok, system=system, max_tokens=max_tokens, draft_model=draft, **sampling
-    )
+    session = ChatSession(m, tok, system=system, options=options, draft_model=draft)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     err.print(f"Chatting with {model}. /help lists commands; /quit or Ctrl-D leaves.", style="dim")

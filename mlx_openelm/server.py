@@ -106,7 +106,7 @@ class _Api:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def chat(self, request: Request) -> Response:
-        req = parse_request(await json_body(request), chat=True, **self._defaults())
+        req = parse_request(await json_body(request), chat=True, defaults=self.settings.generation)
         if self.tokenizer.chat_template is None:
             raise APIError(
                 400,
@@ -118,7 +118,7 @@ class _Api:
         return await self._complete(request, req, ids, "messages", ChatFormat)
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(await json_body(request), chat=False, **self._defaults())
+        req = parse_request(await json_body(request), chat=False, defaults=self.settings.generation)
         if isinstance(req.prompt, str):  # like mlx_openelm.generate: BOS unless already there
             bos = not req.prompt.startswith(self.tokenizer.bos_token)
             ids = await _encode(self.tokenizer.encode, req.prompt, bos, param="prompt")
@@ -132,9 +132,6 @@ class _Api:
                     param="prompt",
                 )
         return await self._complete(request, req, ids, "prompt", CompletionFormat)
-
-    def _defaults(self) -> dict[str, float]:
-        return {"temp": self.settings.temp, "top_p": self.settings.top_p}
 
     async def _complete(
         self,
@@ -157,10 +154,10 @@ class _Api:
         stats = RequestLog(prompt=len(ids))
         request.scope["state"]["generation"] = stats
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        max_tokens = min(req.max_tokens or self.settings.generation.max_tokens, room)
         job = Job(
             ids=ids,
-            max_tokens=min(req.max_tokens or self.settings.max_tokens, room),
-            sampling=req.sampling,
+            options=req.options.replace(max_tokens=max_tokens),
             sink=_threadsafe_sink(loop, events),
             top_logprobs=req.top_logprobs,
         )

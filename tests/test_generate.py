@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import mlx_openelm
 from mlx_openelm.cli import app
 from mlx_openelm.errors import GenerationError
-from mlx_openelm.generate import StopMatcher, build_prompt, stream_generate
+from mlx_openelm.generate import GenerationOptions, StopMatcher, build_prompt, stream_generate
+from mlx_openelm.server_schema import parse_request
 
 import openelm_ref
 
@@ -156,6 +157,34 @@ def test_text_prompt_and_cache_options(inst):
     assert mlx_openelm.generate(model, tok, ids, 10, max_kv_size=64) == plain  # never rotates
     responses = list(stream_generate(model, tok, ids, 10, repetition_penalty=1.3))
     assert len(responses) == 10 and responses[-1].finish_reason == "length"
+
+
+def test_options_object_and_keywords_are_one_shape(inst):
+    model, tok = inst
+    ids = tok.encode(PROMPT)
+    options = GenerationOptions(max_tokens=12, temp=5.0, top_k=40, seed=7, stop=["zz"])
+    assert options.stop == ("zz",)  # frozen and hashable: lists become tuples
+    by_object = [r.token for r in stream_generate(model, tok, ids, options=options)]
+    by_keywords = [
+        r.token
+        for r in stream_generate(model, tok, ids, 12, temp=5.0, top_k=40, seed=7, stop=["zz"])
+    ]
+    assert by_object == by_keywords
+    other_seed = [r.token for r in stream_generate(model, tok, ids, options=options, seed=8)]
+    assert other_seed != by_object  # keywords apply over the object
+    with pytest.raises(TypeError):
+        GenerationOptions.of(options, temperature=1.0)  # not a field: no silent typo
+
+
+def test_server_requests_take_the_servers_option_defaults():
+    defaults = GenerationOptions(max_tokens=9, temp=0.5, repetition_context_size=7, stop=["x"])
+    hi = [{"role": "user", "content": "hi"}]
+    req = parse_request({"messages": hi}, chat=True, defaults=defaults)
+    assert req.options == defaults and req.max_tokens is None
+    req = parse_request(
+        {"messages": hi, "temperature": 1, "stop": "y"}, chat=True, defaults=defaults
+    )
+    assert req.options == defaults.replace(temp=1.0, stop=("y",))
 
 
 def test_quantized_kv_cache(tiny_spm, tmp_path):
