@@ -275,7 +275,7 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
 
 # === serve (server issue) ===
 from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
-from mlx_openelm.server_schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
+from mlx_openelm.serve.schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,
     DEFAULT_PORT,
     ServerSettings,

@@ -15,7 +15,7 @@ import mlx_openelm
 from mlx_openelm.cli import app
 from mlx_openelm.errors import GenerationError
 from mlx_openelm.generate import GenerationOptions, StopMatcher, build_prompt, stream_generate
-from mlx_openelm.server_schema import parse_request
+from mlx_openelm.serve.schema import parse_request
 
 import openelm_ref
 

@@ -20,10 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import OpenELMError
-from .generate import GenerationOptions, stream_generate
-from .prompt_cache import PrefixCache
-from .server_format import TokenLogprob
+from ..errors import OpenELMError
+from ..generate import GenerationOptions, stream_generate
+from ..prompt_cache import PrefixCache
+from .responses import TokenLogprob
 
 __all__ = ["Engine", "Failed", "Finished", "Job", "Piece", "QueueFull"]
 

@@ -1,6 +1,6 @@
 """OpenAI's request shapes for the server: parse and check; errors in OpenAI's shape.
 
-Pure functions with no HTTP in them (responses are built in :mod:`mlx_openelm.server_format`).
+Pure functions with no HTTP in them (responses are built in :mod:`mlx_openelm.serve.responses`).
 Requests are checked field by field and a bad value raises :class:`APIError` naming the field,
 the value and what would be valid; fields this server does not know are ignored, as OpenAI's own
 API ignores what it does not need.
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generate_options import GenerationOptions
+from ..generate_options import GenerationOptions
 
 __all__ = ["APIError", "CompletionRequest", "ServerSettings", "invalid", "parse_request"]
 
@@ -73,7 +73,7 @@ class ServerSettings:
 
     def check(self) -> None:
         """Raises GenerationError or ServeError for a value out of range."""
-        from .errors import ServeError
+        from ..errors import ServeError
 
         self.generation.validate()
         if self.max_queue < 0:
