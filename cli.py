@@ -117,17 +117,17 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
 
 
 # Commands with many options live in their own modules; registered here in --help order.
-app.command()(cli_convert.convert)  # converter issue
-app.command()(cli_generate.generate)  # generation issue
+app.command()(cli_convert.convert)
+app.command()(cli_generate.generate)
 app.command()(cli_generate.chat)
-app.command()(cli_lora.lora)  # LoRA issue
+app.command()(cli_lora.lora)
 app.command()(cli_lora.fuse)
 app.command("export-peft")(cli_lora.export_peft)
 app.command("import-peft")(cli_lora.import_peft)
 app.command("plot")(cli_lora.plot_cmd)
 
 
-# === eval / bench / doctor (evaluation issue) ===
+# === eval / bench / doctor ===
 eval_app = typer.Typer(
     cls=TyperGroup,
     help="Measure model quality: perplexity over text, zero-shot multiple choice.",
@@ -273,7 +273,7 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
     out.print(format_report(r), markup=False)
 
 
-# === serve (server issue) ===
+# === serve ===
 from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
 from mlx_openelm.serve.schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,

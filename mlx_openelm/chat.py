@@ -15,8 +15,7 @@ dropped for context) the conversation is encoded afresh and the cache is trimmed
 prefix.
 
 ``run_repl``, the read-eval-print loop behind ``mlx-openelm chat``, lives in
-:mod:`mlx_openelm.chat_repl` and is re-exported here with its ``ChatIO``, ``HELP``, ``PROMPT`` and
-``stats_lines``.
+:mod:`mlx_openelm.chat_repl`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .chat_repl import HELP, PROMPT, ChatIO, run_repl, stats_lines  # noqa: F401 - re-exported
 from .errors import DataError, GenerationError
 from .folder import atomic_write_text
 from .generate import GenerationOptions, check_draft_model, make_cache, stream_generate

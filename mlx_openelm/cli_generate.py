@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -32,6 +33,9 @@ from mlx_openelm.generate_options import (
     DEFAULT_TOP_P,
     GenerationOptions,
 )
+
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from mlx_openelm.convert import ConvertProgress
 
 PromptOpt = Annotated[
     str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
@@ -65,11 +69,11 @@ def _options(flags: dict[str, object]) -> GenerationOptions:
     return GenerationOptions.from_mapping(flags).validate()
 
 
-def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
+def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
     """One dim line per phase when a hub model is converted on first use."""
     phases: set[str] = set()
 
-    def report(progress) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(progress: ConvertProgress) -> None:
         if progress.phase not in phases:
             phases.add(progress.phase)
             what = "hashing the download" if progress.phase == "hash" else "converting it"
@@ -170,7 +174,8 @@ def chat(
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
     options = _options(locals())
-    from mlx_openelm.chat import ChatSession, run_repl
+    from mlx_openelm.chat import ChatSession
+    from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation
 
     m, tok, draft = load_for_generation(
