@@ -8,7 +8,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model_dir
+from conftest import make_model_dir, one_error_line
 from typer.testing import CliRunner
 
 import mlx_openelm
@@ -147,6 +147,12 @@ def test_seeded_sampling_is_reproducible(inst):
     ids = build_prompt(tok, PROMPT)
     runs = [mlx_openelm.generate(model, tok, ids, 16, temp=3.0, top_k=50, seed=11) for _ in "ab"]
     assert runs[0] == runs[1]
+    # ...and it is sampling: other seeds give other text, and none of them is the greedy one.
+    others = {
+        mlx_openelm.generate(model, tok, ids, 16, temp=3.0, top_k=50, seed=s) for s in (12, 13)
+    }
+    assert runs[0] not in others and len(others) == 2
+    assert mlx_openelm.generate(model, tok, ids, 16) not in {runs[0], *others}
 
 
 def test_text_prompt_and_cache_options(inst):
@@ -215,15 +221,6 @@ def test_bad_options_raise(inst, option, message):
         list(stream_generate(model, tok, [1, 5], **{"max_tokens": 4, **option}))
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -234,23 +231,23 @@ def assert_one_line_error(result, *fragments: str) -> None:
     ],
 )
 def test_cli_bad_sampling_values(dirs, args, fragment):
-    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
+    one_error_line(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
 
 
 def test_cli_bad_models(dirs, tmp_path):
     missing = tmp_path / "nowhere"
-    assert_one_line_error(cli("-m", str(missing), "-p", "hi"), "not found")
-    assert_one_line_error(cli("-m", str(tmp_path), "-p", "hi"), "no config.json")
+    one_error_line(cli("-m", str(missing), "-p", "hi"), "not found")
+    one_error_line(cli("-m", str(tmp_path), "-p", "hi"), "no config.json")
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
-    assert_one_line_error(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
+    one_error_line(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
     bad = cli("-m", str(dirs["inst"]), "-p", "hi", "--draft-model", str(dirs["bad_draft"]))
-    assert_one_line_error(bad, "512-token vocabulary", "400")
+    one_error_line(bad, "512-token vocabulary", "400")
     not_adapters = cli("-m", str(dirs["inst"]), "-p", "hi", "--adapter", str(tmp_path))
-    assert_one_line_error(not_adapters, "is not an adapter folder")
-    assert_one_line_error(cli("-m", str(dirs["inst"])), "--prompt")
-    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
+    one_error_line(not_adapters, "is not an adapter folder")
+    one_error_line(cli("-m", str(dirs["inst"])), "--prompt")
+    one_error_line(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
 
 
 def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
@@ -262,7 +259,7 @@ def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     result = cli("-m", "apple/OpenELM-270M-Instruct", "-p", "hi")
-    assert_one_line_error(result, "apple/OpenELM-270M-Instruct", "cache")
+    one_error_line(result, "apple/OpenELM-270M-Instruct", "cache")
     assert not (tmp_path / "home" / "models" / "apple--OpenELM-270M-Instruct").exists()
 
 
