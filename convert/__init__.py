@@ -53,7 +53,7 @@ CHAT_TEMPLATES = ("auto", "zephyr", "none")
 BF16_ABOVE_PARAMETERS = 2_000_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertProgress:
     """A progress report after each tensor written (``phase`` is ``"convert"``)."""
 
@@ -65,7 +65,7 @@ class ConvertProgress:
     name: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertResult:
     """What a conversion produced.
 
@@ -300,4 +300,13 @@ def _stream(
         yield name, ref.to_mlx(dtype)
         done += ref.nbytes
         if on_progress is not None:
-            on_progress(ConvertProgress("convert", done, total, i + 1, len(tensors), name))
+            on_progress(
+                ConvertProgress(
+                    phase="convert",
+                    bytes_done=done,
+                    bytes_total=total,
+                    tensors_done=i + 1,
+                    tensors_total=len(tensors),
+                    name=name,
+                )
+            )

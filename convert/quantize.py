@@ -41,7 +41,7 @@ MODE = "affine"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantPlan:
     """Which modules get quantized, and with how many bits.
 
@@ -106,7 +106,9 @@ def plan_quantization(
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue  # norms, containers, and widths the group size does not divide stay float
         modules[path] = high if _wants_more_bits(path, n) else low
-    return QuantPlan(group_size, low, dict(sorted(modules.items())), mixed)
+    return QuantPlan(
+        group_size=group_size, bits=low, modules=dict(sorted(modules.items())), mixed=mixed
+    )
 
 
 def _wants_more_bits(path: str, num_layers: int) -> bool:

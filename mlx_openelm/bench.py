@@ -35,7 +35,7 @@ OUR_ROW = "mlx-openelm"
 MLX_LM_ROW = "mlx-lm"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trial:
     prompt_tps: float
     generation_tps: float
@@ -47,7 +47,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchRow:
     name: str
     trials: list[Trial] = field(default_factory=list)
@@ -61,7 +61,7 @@ class BenchRow:
         return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchReport:
     model: str
     prompt_tokens: int
@@ -181,7 +181,12 @@ def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, *
     for response in generate(model, **kw):
         last = response
     peak = mx.get_peak_memory() - baseline + own_bytes
-    return Trial(last.prompt_tps, last.generation_tps, peak / 1e9, last.generation_tokens)
+    return Trial(
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=peak / 1e9,
+        generated=last.generation_tokens,
+    )
 
 
 def bench(
@@ -227,7 +232,7 @@ def bench(
     warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
     for _, generate, m in runners:
         _run_trial(generate, m, 0, **warm)
-    rows = [BenchRow(name) for name, _, _ in runners]
+    rows = [BenchRow(name=name) for name, _, _ in runners]
     for i in range(trials):
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
         for j in order:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TurnStats:
     """What one turn cost. ``prefilled_tokens`` of ``prompt_tokens`` ran through the model; the
     rest came from the cache."""
@@ -57,7 +57,7 @@ class TurnStats:
     draft_tokens: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Turn:
     """A planned reply: the conversation fits the context and the cache is ready.
 
@@ -171,7 +171,15 @@ class ChatSession:
             )
         max_tokens = min(self.options.max_tokens, self.context_length - len(tokens))
         reused = self._reuse_cache(tokens)
-        return Turn(self, history, rendered, tokens, reused, max_tokens, dropped)
+        return Turn(
+            session=self,
+            history=history,
+            text=rendered,
+            tokens=tokens,
+            reused=reused,
+            max_tokens=max_tokens,
+            dropped_turns=dropped,
+        )
 
     # -- transcripts ------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ class Example:
         return len(self.tokens) - 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Dataset:
     """One encoded JSONL file."""
 
@@ -236,7 +236,7 @@ def encode_file(
         raise DataError(
             f"{path} is plain text: --mask-prompt needs prompt/completion or messages data"
         )
-    data = Dataset(path, fmt, [], sha256=sha)
+    data = Dataset(path=path, format=fmt, examples=[], sha256=sha)
     for number, record in records:
         where = f"{path}:{number}"
         _check_record(fmt, record, where, mask_prompt)
@@ -259,7 +259,7 @@ def encode_file(
     return data
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Datasets:
     train: Dataset
     valid: Dataset | None = None
@@ -313,4 +313,4 @@ def load_datasets(
         split: encode_file(path, tokenizer, max_seq_len, mask_prompt) if path else None
         for split, path in files.items()
     }
-    return Datasets(encoded["train"], encoded["valid"], encoded["test"])
+    return Datasets(train=encoded["train"], valid=encoded["valid"], test=encoded["test"])

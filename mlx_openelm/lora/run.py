@@ -20,7 +20,7 @@ from .trainer import train
 _SHAPE_FIELDS = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataReport:
     """Sent before training: what each split holds (examples, tokens, truncated, dropped)."""
 
@@ -74,7 +74,7 @@ def finetune(
     )
     if callback is not None and mx.distributed.init().rank() == 0:
         splits = {"train": datasets.train, "valid": datasets.valid, "test": datasets.test}
-        callback(DataReport({k: d.summary() for k, d in splits.items() if d is not None}))
+        callback(DataReport(splits={k: d.summary() for k, d in splits.items() if d is not None}))
     info = base_model_info(folder, load_config(folder))
     result = train(
         net, datasets.train, datasets.valid, spec, config, adapter_path, info, resume, force,
@@ -86,7 +86,11 @@ def finetune(
         ppl = math.exp(min(loss, 700.0))
         result.extra.update(test_loss=loss, test_ppl=ppl)
         if callback is not None and mx.distributed.init().rank() == 0:
-            callback(EvalReport(result.steps, "test", loss, ppl, tokens))
+            callback(
+                EvalReport(
+                    step=result.steps, split="test", loss=loss, perplexity=ppl, tokens=tokens
+                )
+            )
     if plot and mx.distributed.init().rank() == 0:
         out = Path(adapter_path) / "loss.png"
         result.extra["plot"] = plot_metrics(Path(adapter_path) / "metrics.jsonl", out)
