@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.choices import ChatTemplate, DType, values
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OutputExistsError
 from mlx_openelm.folder import write_model_folder
@@ -45,8 +46,8 @@ __all__ = [
     "convert",
 ]
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-CHAT_TEMPLATES = ("auto", "zephyr", "none")
+DTYPES = {d.value: getattr(mx, d.value) for d in DType}
+CHAT_TEMPLATES = values(ChatTemplate)
 # Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port
 # (corenet mlx_examples/open_elm) says 3B "requires a greater activation range than the other
 # model sizes" and should use bfloat16 for 16-bit and quantized inference.

@@ -25,18 +25,14 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.choices import Bits, GroupSize, MixedPreset, bit_widths
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.model import Model
 
-BITS = (2, 3, 4, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-MIXED_PRESETS: dict[str, tuple[int, int]] = {
-    "mixed_2_6": (2, 6),
-    "mixed_3_4": (3, 4),
-    "mixed_3_6": (3, 6),
-    "mixed_4_6": (4, 6),
-}
+BITS = bit_widths(Bits)
+GROUP_SIZES = bit_widths(GroupSize)
+MIXED_PRESETS: dict[str, tuple[int, int]] = {m.value: m.bits for m in MixedPreset}
 MODE = "affine"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 

@@ -7,12 +7,12 @@ Registered on the app in ``cli.py``; the training defaults come from ``TrainConf
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import FineTuneType, LRSchedule, OptimizerName
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     FastBlasOpt,
@@ -31,24 +31,6 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 _SPEC, _TRAIN = AdapterSpec(), TrainConfig()  # the one place the fine-tuning defaults live
-
-
-class FineTuneType(str, Enum):
-    lora = "lora"
-    dora = "dora"
-    full = "full"
-
-
-class LRSchedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-    linear = "linear"
-
-
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
 
 
 def _lora_reporter(progress: Progress) -> Callable[[object], None]:

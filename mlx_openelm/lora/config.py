@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..choices import FineTuneType, values
 from ..errors import ConfigError
 
 DEFAULT_ITERS = 1000
 DEFAULT_TARGETS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
-FINE_TUNE_TYPES = ("lora", "dora", "full")
+FINE_TUNE_TYPES = values(FineTuneType)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,10 +12,11 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..choices import LRSchedule, OptimizerName, values
 from ..errors import ConfigError
 
-SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = values(LRSchedule)
+OPTIMIZERS = values(OptimizerName)
 
 
 def make_schedule(
