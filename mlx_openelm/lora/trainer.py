@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .. import fastmath
 from ..errors import ConfigError, DataError, TrainingError
+from ..folder import atomic_write
 from .adapters import (
     ADAPTER_FILE,
     AdapterSpec,
@@ -428,9 +429,7 @@ class Trainer:
             return
         best_file = self.path / "best" / ADAPTER_FILE
         if self.cfg.keep_best and best_file.is_file():
-            tmp = self.path / f".{ADAPTER_FILE}.best"
-            shutil.copyfile(best_file, tmp)
-            tmp.replace(self.path / ADAPTER_FILE)
+            atomic_write(self.path / ADAPTER_FILE, lambda tmp: shutil.copyfile(best_file, tmp))
         self._report(SaveReport(step=self.step, kind="final", path=self.path))
 
 
