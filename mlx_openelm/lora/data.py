@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, TokenizerError
+from ..tokenizer import common_prefix_length
 
 FORMATS: dict[str, frozenset[str]] = {
     "text": frozenset({"text"}),
@@ -168,13 +169,7 @@ def _check_record(fmt: str, record: dict[str, Any], where: str, mask_prompt: boo
 
 def _boundary(tokenizer: Any, text: str, ids: list[int]) -> int:
     """How many leading tokens of ``ids`` encode ``text`` (a prefix of the rendered chat)."""
-    prefix = tokenizer.encode(text)
-    n = 0
-    for a, b in zip(prefix, ids):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix_length(tokenizer.encode(text), ids)
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict], mask_prompt: bool) -> Example:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from .checkpoint import check_adapter_folder
 from .compute import evaluate
 from .config import Callback, EvalReport, TrainConfig, TrainResult
 from .data import load_datasets
+from .metrics import perplexity
 from .plot import plot_metrics
 from .trainer import train
 
@@ -83,7 +83,7 @@ def finetune(
     if datasets.test is not None:
         pack, capacity = result.extra["pack"], result.extra["capacity"]
         loss, tokens = evaluate(net, datasets.test, config.batch_size, capacity, pack)
-        ppl = math.exp(min(loss, 700.0))
+        ppl = perplexity(loss)
         result.extra.update(test_loss=loss, test_ppl=ppl)
         if callback is not None and mx.distributed.init().rank() == 0:
             callback(

@@ -68,7 +68,7 @@ from .config import (
     TrainResult,
 )
 from .data import Dataset
-from .metrics import MetricsLog
+from .metrics import MetricsLog, perplexity
 from .optim import build_optimizer, make_schedule
 
 
@@ -388,7 +388,7 @@ class Trainer:
                 self._report(SaveReport(step=self.step, kind="best", path=path))
         else:
             self.evals_since_best += 1
-        ppl = math.exp(min(loss, 700.0))
+        ppl = perplexity(loss)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": ppl})
         self._report(
             EvalReport(
