@@ -164,15 +164,25 @@ def _check(prompt_tokens: int, generation_tokens: int, trials: int) -> None:
             raise GenerationError(f"{name} must be at least 1, got {value}")
 
 
-def _no_eos(tokenizer: Any) -> Any:
+def no_eos(tokenizer: Any) -> Any:
     """An mlx-lm tokenizer wrapper that never stops on EOS (fixed-length runs)."""
     wrapper = tokenizer.to_mlx_lm() if hasattr(tokenizer, "to_mlx_lm") else tokenizer
     wrapper.eos_token_ids = []
     return wrapper
 
 
-def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, **kw: Any) -> Trial:
-    """One timed run; peak memory counts this model's weights, not every loaded model's."""
+def run_trial(
+    generate: Callable[..., Any],
+    model: nn.Module,
+    own_bytes: int,
+    on_response: Callable[[Any], None] | None = None,
+    **kw: Any,
+) -> Trial:
+    """One timed run of ``generate(model, **kw)`` (our or mlx-lm's ``stream_generate``).
+
+    Peak memory counts this model's weights (``own_bytes``), not every loaded model's;
+    ``on_response`` sees each response (e.g. to collect the tokens).
+    """
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()
@@ -180,6 +190,8 @@ def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, *
     last = None
     for response in generate(model, **kw):
         last = response
+        if on_response is not None:
+            on_response(response)
     peak = mx.get_peak_memory() - baseline + own_bytes
     return Trial(
         prompt_tps=last.prompt_tps,
@@ -227,17 +239,17 @@ def bench(
         theirs, _ = mlx_lm_load_model(folder)
         runners.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
     prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
-    kw = {"tokenizer": _no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
+    kw = {"tokenizer": no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
     # Warm-up (untimed, short: any forward touches every weight once and builds the kernels).
     warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
     for _, generate, m in runners:
-        _run_trial(generate, m, 0, **warm)
+        run_trial(generate, m, 0, **warm)
     rows = [BenchRow(name=name) for name, _, _ in runners]
     for i in range(trials):
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
         for j in order:
             name, generate, m = runners[j]
-            trial = _run_trial(generate, m, weight_bytes(m), **kw)
+            trial = run_trial(generate, m, weight_bytes(m), **kw)
             rows[j].trials.append(trial)
             if on_trial is not None:
                 on_trial(name, i, trial)
