@@ -20,11 +20,11 @@ from mlx_openelm.bench import (
     BenchReport,
     BenchRow,
     Trial,
-    _no_eos,
     bench,
     format_bench,
     kv_bytes,
     measure_bandwidth,
+    no_eos,
     random_prompt,
     weight_bytes,
 )
@@ -64,7 +64,7 @@ def test_random_prompt_is_reproducible_and_in_range():
 
 
 def test_no_eos_wrapper(tiny_model_dir):
-    wrapper = _no_eos(Tokenizer.from_folder(tiny_model_dir))
+    wrapper = no_eos(Tokenizer.from_folder(tiny_model_dir))
     assert set(wrapper.eos_token_ids) == set()
 
 
