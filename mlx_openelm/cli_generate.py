@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -63,10 +65,45 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def _options(flags: dict[str, object]) -> GenerationOptions:
-    """The generation options among a command's parameters (named like the fields), checked
-    before a model loads so that a bad value fails at once."""
-    return GenerationOptions.from_mapping(flags).validate()
+# The generation flags, once: (GenerationOptions field, option type, default). A new option is
+# one row here (and its field in mlx_openelm/generate_options.py); generate and chat both get it.
+GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
+    ("max_tokens", MaxTokensOpt, DEFAULT_MAX_TOKENS),
+    ("temp", TempOpt, DEFAULT_TEMP),
+    ("top_p", TopPOpt, DEFAULT_TOP_P),
+    ("top_k", TopKOpt, DEFAULT_TOP_K),
+    ("min_p", MinPOpt, DEFAULT_MIN_P),
+    ("repetition_penalty", RepPenaltyOpt, None),
+    ("repetition_context_size", RepContextOpt, DEFAULT_REPETITION_CONTEXT),
+    ("seed", SeedOpt, None),
+    ("stop", StopOpt, None),
+    ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),
+    ("max_kv_size", MaxKVOpt, None),
+    ("kv_bits", KVBitsOpt, None),
+]
+
+
+def with_generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the generation flags in place of its ``options`` parameter.
+
+    Typer reads the new signature; the command receives one :class:`GenerationOptions`, checked
+    before anything loads so that a bad value fails at once.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    flags = [inspect.Parameter(n, kind, default=d, annotation=t) for n, t, d in GENERATION_FLAGS]
+    params: list[inspect.Parameter] = []
+    for p in signature.parameters.values():
+        params.extend(flags if p.name == "options" else [p])
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name, _, _ in GENERATION_FLAGS}
+        return command(**kwargs, options=GenerationOptions(**values).validate())
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
 
 
 def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
@@ -87,29 +124,18 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+@with_generation_options
 def generate(
     model: ModelOpt = DEFAULT_MODEL,
     prompt: PromptOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
 ) -> None:
     """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
-    options = _options(locals())
     from mlx_openelm.errors import GenerationError
     from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
     from mlx_openelm.generate import stream_generate as stream
@@ -153,27 +179,16 @@ class _TerminalIO:
         err.print(text, markup=False)
 
 
+@with_generation_options
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
-    options = _options(locals())
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation

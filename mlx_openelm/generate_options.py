@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,12 +132,6 @@ class GenerationOptions:
         """
         base = options if options is not None else cls()
         return dataclasses.replace(base, **changes) if changes else base
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> GenerationOptions:
-        """The options named in ``values`` (other keys are ignored: e.g. a command's locals)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
 
     def replace(self, **changes: Any) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
