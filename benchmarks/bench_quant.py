@@ -108,7 +108,7 @@ class Bench:
         self.tok = Tokenizer(opts.tokenizer)
         self.windows = eval_windows(opts.valid, self.tok, opts.windows, opts.seq_len)
         self.float_dir = self.convert("float32", dtype="float32")
-        ref, _ = load(self.float_dir)
+        ref, _ = load(self.float_dir, tokenizer=opts.tokenizer)
         self.ref = [log_probs(ref, w) for w in self.windows]
         mx.eval(self.ref)
 
@@ -122,7 +122,7 @@ class Bench:
 
     def row(self, label: str, folder: Path, **extra: Any) -> dict[str, Any]:
         config = json.loads((folder / "config.json").read_text())
-        model, _ = load(folder)
+        model, _ = load(folder, tokenizer=self.opts.tokenizer)
         out = {"label": label, "mb": folder_mb(folder), **extra,
                **quality(self.ref, model, self.windows), "decode": decode_tps(model, self.tok, 16),
                "method": config.get("converted_by", {}).get("method")}  # fmt: skip
@@ -169,15 +169,15 @@ def part_speed(b: Bench) -> list[dict[str, Any]]:
     rows = []
     shapes = [("trained 10.5M", None, b.windows[:4])]
     if not b.opts.skip_270m:
-        shapes.append(("270M shape", _random_270m(b.work), [w[:64] for w in b.windows[:1]]))
+        shapes.append(("270M shape", _random_270m(b.work), [w[:32] for w in b.windows[:1]]))
     for shape, source, windows in shapes:
         f32 = b.float_dir if source is None else source
         q4 = b.convert(f"speed4-{shape[:3]}", source=source, quantize=True, bits=4, group_size=64)
         for label, folder, dq in [("float32", f32, None), ("4-bit g64", q4, True),
                                   ("4-bit g64", q4, False)]:  # fmt: skip
-            model, _ = load(folder, dequantize=dq)
+            model, _ = load(folder, tokenizer=b.opts.tokenizer, dequantize=dq)
             row = {"shape": shape, "label": label, "runs_as": model.execution.describe(),
-                   "decode": decode_tps(model, b.tok, 16), "ppl_tps": ppl_tps(model, windows),
+                   "decode": decode_tps(model, b.tok, 8), "ppl_tps": ppl_tps(model, windows),
                    "mb": folder_mb(folder)}  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -206,7 +206,7 @@ def part_270m(b: Bench) -> list[dict[str, Any]]:
     rows = []
     for bits in BITS:
         folder = b.convert(f"270m-{bits}", source=src, quantize=True, bits=bits, group_size=64)
-        model, _ = load(folder)
+        model, _ = load(folder, tokenizer=b.opts.tokenizer)
         row = {"label": f"{bits}-bit g64", "mb": folder_mb(folder), "bpw": _bpw(folder),
                "decode": decode_tps(model, b.tok, 16)}  # fmt: skip
         print(json.dumps(row), flush=True)

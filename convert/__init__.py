@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.choices import ChatTemplate, DType, values
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OutputExistsError
 from mlx_openelm.folder import write_model_folder
@@ -43,8 +44,8 @@ __all__ = [
     "convert",
 ]
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-CHAT_TEMPLATES = ("auto", "zephyr", "none")
+DTYPES = {d.value: getattr(mx, d.value) for d in DType}
+CHAT_TEMPLATES = values(ChatTemplate)
 # Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port
 # (corenet mlx_examples/open_elm) says 3B "requires a greater activation range than the other
 # model sizes" and should use bfloat16 for 16-bit and quantized inference.
@@ -54,7 +55,7 @@ BF16_ABOVE_PARAMETERS = 2_000_000_000
 PROBE_ON_CPU_BELOW = 1_000_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertProgress:
     """A progress report after each tensor written (``phase`` is ``"convert"``)."""
 
@@ -66,7 +67,7 @@ class ConvertProgress:
     name: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertResult:
     """What a conversion produced.
 
@@ -164,8 +165,11 @@ def convert(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
     out_dtype_name = _check_options(dtype, chat_template)
-    quant = QuantOptions(quantize, bits, group_size, mixed, method, calibration,
-                         calibration_samples, bits_per_weight, quantize_embedding)  # fmt: skip
+    quant = QuantOptions(enabled=quantize, bits=bits, group_size=group_size, mixed=mixed,
+                         method=method, calibration=calibration,
+                         calibration_samples=calibration_samples,
+                         bits_per_weight=bits_per_weight,
+                         quantize_embedding=quantize_embedding)  # fmt: skip
     quant.check()  # before any download
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
@@ -177,9 +181,11 @@ def convert(
     out_dtype = DTYPES[out_dtype_name]
     tok = _tokenizer(cp, tokenizer, chat_template)
 
-    def on_write(*p: Any) -> None:
+    def on_write(done: int, total: int, n: int, count: int, name: str) -> None:
         if on_progress is not None:
-            on_progress(ConvertProgress("write", *p))
+            on_progress(ConvertProgress(phase="write", bytes_done=done, bytes_total=total,
+                                        tensors_done=n, tensors_total=count,
+                                        name=name))  # fmt: skip
 
     stream, quant_config, bpw = quant.tensors(
         cp.args, tensors, tok, out_dtype, lambda: _stream(tensors, out_dtype, on_progress), on_write
@@ -320,7 +326,7 @@ def _output_config(
         "dtype": dtype,
         "quantization": dict(quantization) if quantization else None,
         "method": method if quantization else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return config
 
@@ -337,4 +343,13 @@ def _stream(
         yield name, ref.to_mlx(dtype)
         done += ref.nbytes
         if on_progress is not None:
-            on_progress(ConvertProgress("convert", done, total, i + 1, len(tensors), name))
+            on_progress(
+                ConvertProgress(
+                    phase="convert",
+                    bytes_done=done,
+                    bytes_total=total,
+                    tensors_done=i + 1,
+                    tensors_total=len(tensors),
+                    name=name,
+                )
+            )

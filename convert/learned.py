@@ -33,12 +33,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_openelm.choices import QuantMethod, values
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.model import Model
 
 from .quantize import BITS, MODE, is_embedding
 
-METHODS = ("rtn", "dwq", "gptq", "awq", "dynamic")
+METHODS = values(QuantMethod)
 DWQ_LEARNING_RATE = 1e-4
 DWQ_EPOCHS = 2
 BATCH_SIZE = 4

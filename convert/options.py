@@ -28,7 +28,7 @@ from .tensors import TensorRef
 Tensors = Iterator[tuple[str, mx.array]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantOptions:
     """How to quantize (see :func:`mlx_openelm.convert.convert` for each field)."""
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import (
+    Bits,
+    ChatTemplate,
+    CoreNetSize,
+    GroupSize,
+    MixedPreset,
+    QuantMethod,
+    SourceFormat,
+)
 from mlx_openelm.cli_common import (
     DTypeOpt,
     ForceOpt,
@@ -18,52 +27,10 @@ from mlx_openelm.cli_common import (
     out,
 )
 
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from rich.progress import Progress
 
-class SourceFormat(str, Enum):
-    hf = "hf"
-    corenet = "corenet"
-
-
-class CoreNetSize(str, Enum):
-    s270M = "270M"
-    s450M = "450M"
-    s1_1B = "1_1B"
-    s3B = "3B"
-
-
-class Bits(str, Enum):
-    b2 = "2"
-    b3 = "3"
-    b4 = "4"
-    b6 = "6"
-    b8 = "8"
-
-
-class GroupSize(str, Enum):
-    g32 = "32"
-    g64 = "64"
-    g128 = "128"
-
-
-class MixedPreset(str, Enum):
-    mixed_2_6 = "mixed_2_6"
-    mixed_3_4 = "mixed_3_4"
-    mixed_3_6 = "mixed_3_6"
-    mixed_4_6 = "mixed_4_6"
-
-
-class Method(str, Enum):
-    rtn = "rtn"
-    dwq = "dwq"
-    gptq = "gptq"
-    awq = "awq"
-    dynamic = "dynamic"
-
-
-class ChatTemplate(str, Enum):
-    auto = "auto"
-    zephyr = "zephyr"
-    none = "none"
+    from mlx_openelm.convert import ConvertProgress, ConvertResult
 
 
 _MIXED_HELP = (
@@ -77,7 +44,7 @@ _METHOD_HELP = (
     "rtn: round to nearest (streamed). Learned, on the float model in memory, with "
     "--calibration: gptq, awq, dwq (distils scales), dynamic (bits by sensitivity)."
 )
-MethodOpt = Annotated[Method, typer.Option("--method", help=_METHOD_HELP)]
+MethodOpt = Annotated[QuantMethod, typer.Option("--method", help=_METHOD_HELP)]
 CalibrationOpt = Annotated[
     Path | None,
     typer.Option("--calibration", help="Text or JSONL for learned methods and the probe."),
@@ -98,10 +65,10 @@ EmbeddingOpt = Annotated[
 ]
 
 
-def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
+def _progress_reporter(progress: Progress) -> Callable[[ConvertProgress], None]:
     tasks: dict[str, int] = {}
 
-    def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(p: ConvertProgress) -> None:
         if p.phase not in tasks:
             tasks[p.phase] = progress.add_task(p.phase, total=p.bytes_total, count="")
         count = f"{p.tensors_done}/{p.tensors_total} tensors"
@@ -110,7 +77,7 @@ def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> cal
     return report
 
 
-def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert.ConvertResult
+def _convert_summary(result: ConvertResult) -> list[str]:
     quant = ""
     if result.quantization:
         q = result.quantization
@@ -158,7 +125,7 @@ def convert(
         GroupSize, typer.Option("--group-size", help="Weights per quantization scale.")
     ] = GroupSize.g64,
     mixed: Annotated[MixedPreset | None, typer.Option("--mixed", help=_MIXED_HELP)] = None,
-    method: MethodOpt = Method.rtn,
+    method: MethodOpt = QuantMethod.rtn,
     calibration: CalibrationOpt = None,
     calibration_samples: SamplesOpt = 64,
     bits_per_weight: BpwOpt = None,

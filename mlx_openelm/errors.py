@@ -59,3 +59,7 @@ class QuantizationError(OpenELMError):
 
 class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""
+
+
+class MissingDependencyError(OpenELMError):
+    """An optional extra a command needs is not installed (the message says how to add it)."""

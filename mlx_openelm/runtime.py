@@ -25,7 +25,7 @@ KEEP_ENV = "MLX_OPENELM_QUANTIZED_KERNELS"
 MEMORY_SHARE = 0.6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Execution:
     """What a loaded model multiplies with.
 
@@ -90,18 +90,19 @@ def plan_execution(
     """
     what = describe_quantization(quantization)
     if what is None:
-        return Execution(None)
+        return Execution(quantization=None)
     if dequantize is not None:
-        return Execution(what, dequantize, "asked for")
+        return Execution(quantization=what, dequantized=dequantize, reason="asked for")
     if os.environ.get(KEEP_ENV, "") not in ("", "0"):
-        return Execution(what, False, f"{KEEP_ENV}=1")
+        return Execution(quantization=what, reason=f"{KEEP_ENV}=1")
     if mx.default_device().type != mx.DeviceType.cpu:
-        return Execution(what, False, "GPU")
+        return Execution(quantization=what, reason="GPU")
     free = available_memory()
     if free is not None and float32_bytes > MEMORY_SHARE * free:
         gb = float32_bytes / 1e9
-        return Execution(what, False, f"float32 needs {gb:.1f} GB, {free / 1e9:.1f} GB free")
-    return Execution(what, True, "CPU")
+        reason = f"float32 needs {gb:.1f} GB, {free / 1e9:.1f} GB free"
+        return Execution(quantization=what, reason=reason)
+    return Execution(quantization=what, dequantized=True, reason="CPU")
 
 
 def float32_bytes(model: nn.Module) -> int:
