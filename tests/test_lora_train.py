@@ -214,7 +214,7 @@ def test_qlora_trains_a_quantized_base(tiny_model_dir, data_dir, tmp_path):
     assert result.val_loss < first
     weights = adapters(tmp_path / "qa")
     assert all(k.endswith(("lora_a", "lora_b")) for k in weights)  # the base stays quantized
-    model, _ = load(qdir, adapter_path=tmp_path / "qa")
+    model, _ = load(qdir, adapter_path=tmp_path / "qa", dequantize=False)
     assert isinstance(model.layers[0].attn.qkv_proj.linear, nn.QuantizedLinear)
 
 
