@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mlx_openelm import __version__, cli_convert, cli_generate, cli_lora
+from mlx_openelm import __version__, cli_convert, cli_export, cli_generate, cli_lora
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
@@ -125,6 +125,7 @@ app.command()(cli_lora.fuse)
 app.command("export-peft")(cli_lora.export_peft)
 app.command("import-peft")(cli_lora.import_peft)
 app.command("plot")(cli_lora.plot_cmd)
+app.command("export-gguf")(cli_export.export_gguf)  # GGUF export issue
 
 
 # === eval / bench / doctor (evaluation issue) ===

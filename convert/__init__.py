@@ -1,11 +1,11 @@
 """Converters: every checkpoint a user brings -> an MLX model folder, streaming and atomic.
 
 Sources (``sources``): a hub repo id, a local Hugging Face folder (safetensors or
-``pytorch_model.bin``, single or sharded), a CoreNet ``.pt`` with its training YAML or size, or
-several of one kind averaged. Each is opened lazily, renamed by its format's table
-(``hf.HF_RULES``, ``corenet.CORENET_RULES``), checked against the config, then streamed tensor by
-tensor — cast, optionally quantized (``quantize``), written (``mlx_openelm.folder``) — so peak
-memory stays near the largest tensor, not the model.
+``pytorch_model.bin``, single or sharded), a CoreNet ``.pt`` with its training YAML or size, an
+OpenELM GGUF (``gguf``), or several of one kind averaged. Each is opened lazily, renamed by its
+format's table (``hf.HF_RULES``, ``corenet.CORENET_RULES``), checked against the config, then
+streamed tensor by tensor — cast, optionally quantized (``quantize``), written
+(``mlx_openelm.folder``) — so peak memory stays near the largest tensor, not the model.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def convert(
         source: a hub repo id, an HF folder, a CoreNet checkpoint file, or a list of several
             checkpoints of one kind, which are averaged (uniform mean, in float32).
         output: the folder to create (atomically; refused if it exists unless ``force``).
-        source_format: ``"hf"`` or ``"corenet"``; None detects it.
+        source_format: ``"hf"``, ``"corenet"`` or ``"gguf"``; None detects it.
         config_yaml: a CoreNet training YAML (``model.language_modeling.general_gpt``).
         size: instead of ``config_yaml``: ``270M``, ``450M``, ``1_1B`` or ``3B``.
         dtype: ``float16``, ``bfloat16`` or ``float32``; default float16 (bfloat16 for 3B).
@@ -214,6 +214,11 @@ def _tokenizer(cp: Checkpoint, tokenizer: str | Path | None, chat_template: str 
     model_file = resolve_tokenizer_file(model_dir=cp.folder, tokenizer=tokenizer)
     # From the source folder, the tokenizer keeps that folder's own chat template, if any.
     tok = Tokenizer.from_folder(cp.folder, model_file) if cp.folder else Tokenizer(model_file)
+    if cp.vocab is not None:  # a GGUF carries its vocabulary but no tokenizer.model
+        from .gguf import check_vocab
+
+        check_vocab(cp.vocab, tok, cp.name)
+    tok.chat_template = tok.chat_template or cp.chat_template
     if chat_template == "zephyr":
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     elif chat_template == "none":

@@ -22,6 +22,7 @@ from mlx_openelm.cli_common import (
 class SourceFormat(str, Enum):
     hf = "hf"
     corenet = "corenet"
+    gguf = "gguf"
 
 
 class CoreNetSize(str, Enum):

@@ -55,3 +55,7 @@ class TrainingError(OpenELMError):
 
 class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""
+
+
+class ExportError(OpenELMError):
+    """An export cannot be written (a full disk, a bad output path) or does not fit its target."""
