@@ -41,3 +41,16 @@ def randomize_adapters(model: Any, seed: int = 0, std: float = 0.05) -> None:
     params = tree_flatten(model.trainable_parameters())
     model.load_weights([(k, v + std * mx.random.normal(v.shape)) for k, v in params], strict=False)
     mx.eval(model.parameters())
+
+
+def make_adapters(model_dir: Path, out: Path, spec: Any, seed: int = 0) -> Path:
+    """An adapter folder for ``model_dir`` with random (non-zero) weights."""
+    from mlx_openelm.loading import load
+    from mlx_openelm.lora import apply_adapters
+    from mlx_openelm.lora.adapters import save_adapters
+
+    model, _ = load(model_dir)
+    mx.random.seed(seed)
+    config = apply_adapters(model, spec)
+    randomize_adapters(model, seed=seed)
+    return save_adapters(model, out, config)
