@@ -248,6 +248,10 @@ def bench_command(
     compare_mlx_lm: Annotated[
         bool, typer.Option("--compare-mlx-lm", help="Also time mlx-lm on the same folder.")
     ] = False,
+    compare_llama_cpp: Annotated[
+        bool,
+        typer.Option("--compare-llama-cpp", help="Also time llama.cpp on it, exported to GGUF."),
+    ] = False,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
     fast_blas: FastBlasOpt = False,
@@ -256,7 +260,10 @@ def bench_command(
     apply_fast_blas(fast_blas)
     from mlx_openelm.bench import bench, format_bench
 
-    report = bench(model, prompt_tokens, generation_tokens, trials, compare_mlx_lm, seed=seed or 0)
+    report = bench(
+        model, prompt_tokens, generation_tokens, trials, compare_mlx_lm, seed=seed or 0,
+        compare_llama_cpp=compare_llama_cpp,
+    )  # fmt: skip
     if as_json:
         return _print_json(report.to_dict())
     out.print(format_bench(report), markup=False)

@@ -71,6 +71,7 @@ def export_gguf(
     from .lora import write_lora_gguf
     from .model import ExportResult, default_outtype, prepare_model, write_model_gguf
     from .ollama import MODELFILE, modelfile_text
+    from .writer import QTYPES
 
     kind = parse_outtype(outtype) if outtype is not None else None
     output = Path(output).absolute()
@@ -86,14 +87,15 @@ def export_gguf(
     kind = kind or default_outtype(net.args)
     tok_file = resolve_tokenizer_file(model_dir=folder, tokenizer=tokenizer)
     template = Tokenizer.from_folder(folder, tok_file).chat_template
-    size, plan = write_model_gguf(net, output, kind, tok_file, template, folder.name, force)
+    qtype = QTYPES[kind]
+    size, plan = write_model_gguf(net, output, qtype, tok_file, template, folder.name, force)
     modelfile = None
     if ollama:
         from ..folder import atomic_write_text
 
         modelfile = output.with_name(MODELFILE)
         atomic_write_text(modelfile, modelfile_text(output, chat=bool(template)))
-    fallback = [t.name for t in plan if len(t.shape) == 2 and t.qtype.name != kind.name.upper()]
+    fallback = [t.name for t in plan if len(t.shape) == 2 and t.qtype != qtype]
     return ExportResult(output, kind.value, size, len(plan), quantized, fused, fallback, modelfile)
 
 

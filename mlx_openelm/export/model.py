@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
+from gguf import GGMLQuantizationType
 from mlx.utils import tree_flatten
 
 from ..config import ModelArgs
@@ -77,7 +78,7 @@ def prepare_model(net: nn.Module, quantized: bool, adapter: str | Path | None) -
     return net, fuse_model(net)
 
 
-def plan_tensors(net: nn.Module, outtype: OutType) -> list[PlannedTensor]:
+def plan_tensors(net: nn.Module, qtype: GGMLQuantizationType) -> list[PlannedTensor]:
     """Every GGUF tensor of the model in the file's order (``proj_1`` split into gate, up).
 
     Raises:
@@ -91,13 +92,13 @@ def plan_tensors(net: nn.Module, outtype: OutType) -> list[PlannedTensor]:
             ff = args.ffn_dims[layer]
             shape = (ff, a.shape[1])
             for target, rows in ((GATE, slice(0, ff)), (UP, slice(ff, 2 * ff))):
-                qtype = weight_qtype(shape, outtype)
+                qtype = weight_qtype(shape, qtype)
                 plan.append(PlannedTensor(target.format(i=layer), shape, qtype, _rows(a, rows)))
             continue
         target = to_gguf_name(name)
         if target is None:
             raise ExportError(f"tensor {name} has no place in llama.cpp's OpenELM layout")
-        plan.append(PlannedTensor(target, tuple(a.shape), weight_qtype(a.shape, outtype), _same(a)))
+        plan.append(PlannedTensor(target, tuple(a.shape), weight_qtype(a.shape, qtype), _same(a)))
     return sorted(plan, key=_file_order)
 
 
@@ -114,11 +115,13 @@ def _file_order(t: PlannedTensor) -> tuple[int, str]:
     return (int(parts[1]) + 1, t.name) if parts[0] == "blk" else (0, t.name)
 
 
-def add_model_metadata(w: gguf.GGUFWriter, args: ModelArgs, name: str, outtype: OutType) -> None:
+def add_model_metadata(
+    w: gguf.GGUFWriter, args: ModelArgs, name: str, qtype: GGMLQuantizationType
+) -> None:
     """The ``general.*`` and ``openelm.*`` keys, as llama.cpp's own converter writes them."""
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
-    w.add_file_type(FILE_TYPES[outtype])
+    w.add_file_type(FILE_TYPES[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(args.num_transformer_layers)
     w.add_context_length(args.max_context_length)
@@ -152,7 +155,7 @@ def add_tokenizer_metadata(w: gguf.GGUFWriter, vocab: Vocab, chat_template: str 
 def write_model_gguf(
     net: nn.Module,
     output: Path,
-    outtype: OutType,
+    qtype: GGMLQuantizationType,
     tokenizer_file: Path,
     chat_template: str | None,
     name: str,
@@ -171,10 +174,10 @@ def write_model_gguf(
             f"{args.vocab_size} embedding rows; pass the tokenizer the model was trained with"
         )
     check_exportable(args, name)
-    plan = plan_tensors(net, outtype)
+    plan = plan_tensors(net, qtype)
 
     def metadata(w: gguf.GGUFWriter) -> None:
-        add_model_metadata(w, args, name, outtype)
+        add_model_metadata(w, args, name, qtype)
         add_tokenizer_metadata(w, vocab, chat_template)
 
     return write_gguf(output, ARCH, metadata, plan, force), plan

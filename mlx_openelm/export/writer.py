@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from ..errors import ExportError, OutputExistsError
@@ -27,12 +27,15 @@ from .options import OutType
 
 Q = GGMLQuantizationType
 
-_QTYPES = {OutType.f32: Q.F32, OutType.f16: Q.F16, OutType.bf16: Q.BF16, OutType.q8_0: Q.Q8_0}
+QTYPES = {OutType.f32: Q.F32, OutType.f16: Q.F16, OutType.bf16: Q.BF16, OutType.q8_0: Q.Q8_0}
+# general.file_type per weight type; Q4_0 is not an --outtype (ggml's Q4_0 rounds far more than
+# MLX's 4-bit groups) but `bench --compare-llama-cpp` writes it to time llama.cpp's 4-bit path.
 FILE_TYPES = {
-    OutType.f32: LlamaFileType.ALL_F32,
-    OutType.f16: LlamaFileType.MOSTLY_F16,
-    OutType.bf16: LlamaFileType.MOSTLY_BF16,
-    OutType.q8_0: LlamaFileType.MOSTLY_Q8_0,
+    Q.F32: LlamaFileType.ALL_F32,
+    Q.F16: LlamaFileType.MOSTLY_F16,
+    Q.BF16: LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    Q.Q4_0: LlamaFileType.MOSTLY_Q4_0,
 }
 
 
@@ -57,16 +60,15 @@ class PlannedTensor:
         return math.prod(self.byte_shape) * itemsize
 
 
-def weight_qtype(shape: Sequence[int], outtype: OutType) -> GGMLQuantizationType:
-    """The GGUF type of a tensor: 1-D (norms) float32; Q8_0 rows must fill 32-value blocks.
+def weight_qtype(shape: Sequence[int], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The GGUF type of a tensor: 1-D (norms) float32; quantized rows must fill whole blocks.
 
-    A matrix whose rows do not split into Q8_0 blocks falls back to F16, as llama.cpp's
-    converter does.
+    A matrix whose rows do not split into Q8_0/Q4_0 blocks of 32 falls back to F16, as
+    llama.cpp's converter does.
     """
     if len(shape) < 2:
         return Q.F32
-    qtype = _QTYPES[outtype]
-    if qtype == Q.Q8_0 and shape[-1] % 32:
+    if qtype in (Q.Q8_0, Q.Q4_0) and shape[-1] % GGML_QUANT_SIZES[qtype][0]:
         return Q.F16
     return qtype
 
