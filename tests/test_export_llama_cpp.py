@@ -1,0 +1,135 @@
+"""Exported GGUFs checked by llama.cpp itself (llama-cpp-python): logits and greedy tokens against
+ours on the trained checkpoint and a tiny random model, every outtype, fused LoRA and base + GGUF
+LoRA adapter, and the chat template. Skipped with the reason when llama_cpp is not importable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import LLAMA2_TOKENIZER, SHARED
+from lora_helpers import make_adapters
+
+from mlx_openelm.export import export_gguf
+from mlx_openelm.loading import load
+from mlx_openelm.lora import AdapterSpec
+from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
+)
+from mlx_openelm.export.llama_cpp import llama_greedy, llama_logits, open_llama  # noqa: E402
+
+TRAINED = SHARED / "models" / "openelm-tiny-shakespeare"
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def our_logits(model, tokens: list[int]) -> np.ndarray:
+    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+
+def our_greedy(model, prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(our_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The trained checkpoint with the Llama-2 tokenizer, our float32 model and a real text."""
+    if not (TRAINED / "model.safetensors").is_file() or not LLAMA2_TOKENIZER.is_file():
+        pytest.skip(f"trained checkpoint or Llama-2 tokenizer not in {SHARED}")
+    model, tok = load(TRAINED, tokenizer=LLAMA2_TOKENIZER)
+    lines = (SHARED / "data" / "shakespeare" / "valid.jsonl").read_text().splitlines()
+    text = " ".join(json.loads(line)["text"] for line in lines[:4])
+    tokens = tok.encode(text)  # BOS + text
+    return model, tokens, tmp_path_factory.mktemp("trained-gguf")
+
+
+def export(model_dir: Path, out: Path, outtype: str, **kw) -> Path:
+    export_gguf(model_dir, out, outtype=outtype, tokenizer=LLAMA2_TOKENIZER, **kw)
+    return out
+
+
+def test_f32_logits_and_greedy_tokens_match_llama_cpp(trained):
+    model, tokens, tmp = trained
+    llm = open_llama(export(TRAINED, tmp / "f32.gguf", "f32"), n_ctx=256)
+    prompt = tokens[:64]
+    assert rel(llama_logits(llm, prompt), our_logits(model, prompt)) < 1e-3
+    assert llama_greedy(llm, prompt, 32) == our_greedy(model, prompt, 32)
+    assert llm.tokenize(b"Hello world, my lord.") == Tokenizer(LLAMA2_TOKENIZER).encode(
+        "Hello world, my lord."
+    )  # the vocabulary (scores, types) tokenizes as SentencePiece does
+
+
+@pytest.mark.parametrize(("outtype", "tol"), [("f16", 5e-3), ("bf16", 3e-2)])
+def test_half_precision_within_its_precision(trained, outtype, tol):
+    model, tokens, tmp = trained
+    llm = open_llama(export(TRAINED, tmp / f"{outtype}.gguf", outtype), n_ctx=256)
+    assert rel(llama_logits(llm, tokens[:64]), our_logits(model, tokens[:64])) < tol
+
+
+def test_q8_0_top1_agreement_over_held_out_text(trained):
+    model, tokens, tmp = trained
+    text = tokens[:512]
+    llm = open_llama(export(TRAINED, tmp / "q8_0.gguf", "q8_0"), n_ctx=512)
+    agree = (llama_logits(llm, text).argmax(-1) == our_logits(model, text).argmax(-1)).mean()
+    assert agree >= 0.98
+
+
+def test_tiny_random_model_f32(tiny_model_dir, tmp_path):
+    model, _ = load(tiny_model_dir)
+    out = tmp_path / "tiny.gguf"
+    export_gguf(tiny_model_dir, out, outtype="f32")
+    llm = open_llama(out, n_ctx=64)
+    tokens = [1, 17, 42, 99, 7, 250, 3, 64, 11, 300]
+    assert rel(llama_logits(llm, tokens), our_logits(model, tokens)) < 1e-3
+
+
+def test_fused_and_gguf_lora_give_our_base_plus_adapter(tiny_model_dir, tmp_path):
+    targets = ("qkv_proj", "out_proj", "proj_1", "proj_2")
+    spec = AdapterSpec(rank=4, alpha=16.0, num_layers=4, targets=targets)
+    adapter = make_adapters(tiny_model_dir, tmp_path / "lora", spec)
+    tuned, _ = load(tiny_model_dir, adapter_path=adapter)
+    base, _ = load(tiny_model_dir)
+    tokens = [1, 17, 42, 99, 7, 250, 3, 64, 11, 300]
+    want = our_logits(tuned, tokens)
+    assert rel(our_logits(base, tokens), want) > 1e-2  # the adapter matters
+    fused = tmp_path / "fused.gguf"
+    export_gguf(tiny_model_dir, fused, adapter=adapter, outtype="f32")
+    assert rel(llama_logits(open_llama(fused, n_ctx=64), tokens), want) < 1e-3
+    base_gguf, lora = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    export_gguf(tiny_model_dir, base_gguf, outtype="f32")
+    export_gguf(tiny_model_dir, lora, adapter=adapter, lora_only=True)
+    llm = open_llama(base_gguf, n_ctx=64, lora_path=str(lora))
+    assert rel(llama_logits(llm, tokens), want) < 1e-3
+
+
+def test_chat_template_renders_our_prompt_tokens(trained, tmp_path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Who is Othello?"},
+        {"role": "assistant", "content": "A Moor."},
+        {"role": "user", "content": "And Iago?"},
+    ]
+    from mlx_openelm.convert import convert
+
+    instruct = tmp_path / "instruct"  # the trained model with Zephyr's template, as -Instruct
+    convert(TRAINED, instruct, tokenizer=LLAMA2_TOKENIZER, chat_template="zephyr")
+    ours = Tokenizer.from_folder(instruct)
+    out = export(instruct, tmp_path / "chat.gguf", "f16")
+    llm = open_llama(out, n_ctx=128, logits_all=False)
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == ZEPHYR_CHAT_TEMPLATE
+    rendered = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=messages)
+    theirs = llm.tokenize(rendered.prompt.encode(), add_bos=True, special=True)
+    assert theirs == ours.apply_chat_template(messages, tokenize=True)
