@@ -24,14 +24,20 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from bench_blas import machine_line, make_folder, replace_section
 from mlx.utils import tree_flatten
 
 from mlx_openelm.bandwidth import measure_read_bandwidth
 from mlx_openelm.bench import bench, format_bench, measure_bandwidth
 from mlx_openelm.export import export_gguf
-from mlx_openelm.export.llama_cpp import llama_greedy, llama_logits, open_llama
+from mlx_openelm.export.llama_cpp import (
+    llama_greedy,
+    llama_logits,
+    max_rel_error,
+    mlx_greedy,
+    mlx_logits,
+    open_llama,
+)
 from mlx_openelm.loading import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,35 +48,20 @@ TRAINED = SHARED / "models" / "openelm-tiny-shakespeare"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def logits(model, tokens: list[int]) -> np.ndarray:
-    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
-
-
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(n):
-        tokens.append(int(logits(model, tokens)[-1].argmax()))
-    return tokens[len(prompt) :]
-
-
 def same_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def parity_rows(label: str, folder: Path, model, tokens: list[int], tmp: Path) -> list[str]:
     prompt, held_out = tokens[:64], tokens[:512]
-    ours, ours_held = logits(model, prompt), logits(model, held_out)
-    ours_greedy = greedy(model, prompt, 32)
+    ours, ours_held = mlx_logits(model, prompt), mlx_logits(model, held_out)
+    ours_greedy = mlx_greedy(model, prompt, 32)
     rows = []
     for outtype in OUTTYPES:
         out = tmp / f"{folder.name}-{outtype}.gguf"
         export_gguf(folder, out, outtype=outtype, tokenizer=TOKENIZER, force=True)
         llm = open_llama(out, n_ctx=512)
-        err = rel(llama_logits(llm, prompt), ours)
+        err = max_rel_error(llama_logits(llm, prompt), ours)
         same = same_prefix(llama_greedy(llm, prompt, 32), ours_greedy)
         top1 = float((llama_logits(llm, held_out).argmax(-1) == ours_held.argmax(-1)).mean())
         size = out.stat().st_size / 1e6
@@ -96,18 +87,19 @@ def lora_rows(tokens: list[int], tmp: Path) -> list[str]:
     tuned, _ = load(TRAINED, adapter_path=adapter, tokenizer=TOKENIZER)
     base, _ = load(TRAINED, tokenizer=TOKENIZER)
     prompt = tokens[:64]
-    want, base_logits = logits(tuned, prompt), logits(base, prompt)
+    want, base_logits = mlx_logits(tuned, prompt), mlx_logits(base, prompt)
     fused, base_gguf, lora = tmp / "fused.gguf", tmp / "base.gguf", tmp / "lora.gguf"
     export_gguf(TRAINED, fused, adapter=adapter, outtype="f32", tokenizer=TOKENIZER, force=True)
     export_gguf(TRAINED, base_gguf, outtype="f32", tokenizer=TOKENIZER, force=True)
     export_gguf(TRAINED, lora, adapter=adapter, lora_only=True, force=True)
     got_fused = llama_logits(open_llama(fused, n_ctx=128), prompt)
     got_lora = llama_logits(open_llama(base_gguf, n_ctx=128, lora_path=str(lora)), prompt)
-    return [
-        f"| adapter effect (base vs base + adapter, ours) | {rel(base_logits, want):.2e} |",
-        f"| fused LoRA GGUF (f32) vs our base + adapter | {rel(got_fused, want):.2e} |",
-        f"| base GGUF + `--lora-only` GGUF vs our base + adapter | {rel(got_lora, want):.2e} |",
+    checks = [
+        ("adapter effect (base vs base + adapter, ours)", base_logits),
+        ("fused LoRA GGUF (f32) vs our base + adapter", got_fused),
+        ("base GGUF + `--lora-only` GGUF vs our base + adapter", got_lora),
     ]
+    return [f"| {what} | {max_rel_error(got, want):.2e} |" for what, got in checks]
 
 
 def real_text_tokens() -> list[int]:

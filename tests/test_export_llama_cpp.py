@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 import pytest
 from conftest import LLAMA2_TOKENIZER, SHARED
 from lora_helpers import make_adapters
@@ -21,24 +19,16 @@ from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
 )
-from mlx_openelm.export.llama_cpp import llama_greedy, llama_logits, open_llama  # noqa: E402
+from mlx_openelm.export.llama_cpp import (  # noqa: E402
+    llama_greedy,
+    llama_logits,
+    max_rel_error,
+    mlx_greedy,
+    mlx_logits,
+    open_llama,
+)
 
 TRAINED = SHARED / "models" / "openelm-tiny-shakespeare"
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def our_logits(model, tokens: list[int]) -> np.ndarray:
-    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
-
-
-def our_greedy(model, prompt: list[int], n: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(n):
-        tokens.append(int(our_logits(model, tokens)[-1].argmax()))
-    return tokens[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +52,8 @@ def test_f32_logits_and_greedy_tokens_match_llama_cpp(trained):
     model, tokens, tmp = trained
     llm = open_llama(export(TRAINED, tmp / "f32.gguf", "f32"), n_ctx=256)
     prompt = tokens[:64]
-    assert rel(llama_logits(llm, prompt), our_logits(model, prompt)) < 1e-3
-    assert llama_greedy(llm, prompt, 32) == our_greedy(model, prompt, 32)
+    assert max_rel_error(llama_logits(llm, prompt), mlx_logits(model, prompt)) < 1e-3
+    assert llama_greedy(llm, prompt, 32) == mlx_greedy(model, prompt, 32)
     assert llm.tokenize(b"Hello world, my lord.") == Tokenizer(LLAMA2_TOKENIZER).encode(
         "Hello world, my lord."
     )  # the vocabulary (scores, types) tokenizes as SentencePiece does
@@ -73,14 +63,14 @@ def test_f32_logits_and_greedy_tokens_match_llama_cpp(trained):
 def test_half_precision_within_its_precision(trained, outtype, tol):
     model, tokens, tmp = trained
     llm = open_llama(export(TRAINED, tmp / f"{outtype}.gguf", outtype), n_ctx=256)
-    assert rel(llama_logits(llm, tokens[:64]), our_logits(model, tokens[:64])) < tol
+    assert max_rel_error(llama_logits(llm, tokens[:64]), mlx_logits(model, tokens[:64])) < tol
 
 
 def test_q8_0_top1_agreement_over_held_out_text(trained):
     model, tokens, tmp = trained
     text = tokens[:512]
     llm = open_llama(export(TRAINED, tmp / "q8_0.gguf", "q8_0"), n_ctx=512)
-    agree = (llama_logits(llm, text).argmax(-1) == our_logits(model, text).argmax(-1)).mean()
+    agree = (llama_logits(llm, text).argmax(-1) == mlx_logits(model, text).argmax(-1)).mean()
     assert agree >= 0.98
 
 
@@ -90,7 +80,7 @@ def test_tiny_random_model_f32(tiny_model_dir, tmp_path):
     export_gguf(tiny_model_dir, out, outtype="f32")
     llm = open_llama(out, n_ctx=64)
     tokens = [1, 17, 42, 99, 7, 250, 3, 64, 11, 300]
-    assert rel(llama_logits(llm, tokens), our_logits(model, tokens)) < 1e-3
+    assert max_rel_error(llama_logits(llm, tokens), mlx_logits(model, tokens)) < 1e-3
 
 
 def test_fused_and_gguf_lora_give_our_base_plus_adapter(tiny_model_dir, tmp_path):
@@ -100,16 +90,16 @@ def test_fused_and_gguf_lora_give_our_base_plus_adapter(tiny_model_dir, tmp_path
     tuned, _ = load(tiny_model_dir, adapter_path=adapter)
     base, _ = load(tiny_model_dir)
     tokens = [1, 17, 42, 99, 7, 250, 3, 64, 11, 300]
-    want = our_logits(tuned, tokens)
-    assert rel(our_logits(base, tokens), want) > 1e-2  # the adapter matters
+    want = mlx_logits(tuned, tokens)
+    assert max_rel_error(mlx_logits(base, tokens), want) > 1e-2  # the adapter matters
     fused = tmp_path / "fused.gguf"
     export_gguf(tiny_model_dir, fused, adapter=adapter, outtype="f32")
-    assert rel(llama_logits(open_llama(fused, n_ctx=64), tokens), want) < 1e-3
+    assert max_rel_error(llama_logits(open_llama(fused, n_ctx=64), tokens), want) < 1e-3
     base_gguf, lora = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
     export_gguf(tiny_model_dir, base_gguf, outtype="f32")
     export_gguf(tiny_model_dir, lora, adapter=adapter, lora_only=True)
     llm = open_llama(base_gguf, n_ctx=64, lora_path=str(lora))
-    assert rel(llama_logits(llm, tokens), want) < 1e-3
+    assert max_rel_error(llama_logits(llm, tokens), want) < 1e-3
 
 
 def test_chat_template_renders_our_prompt_tokens(trained, tmp_path):

@@ -63,6 +63,26 @@ def llama_greedy(llm: Any, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def mlx_logits(model: Any, tokens: list[int]) -> np.ndarray:
+    """Our model's float32 logits (L, vocab), the other side of every comparison here."""
+    import mlx.core as mx
+
+    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+
+def mlx_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    """``n`` tokens our model generates greedily after ``prompt`` (full forward each step)."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(mlx_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def max_rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    """``max |got - want| / max |want|``: the logit error figure of the parity checks."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def _last_logits(llm: Any) -> np.ndarray:
     llama_cpp = require_llama_cpp()
     ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
