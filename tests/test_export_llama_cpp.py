@@ -25,8 +25,8 @@ from mlx_openelm.export.llama_cpp import (  # noqa: E402
     max_rel_error,
     mlx_greedy,
     mlx_logits,
-    open_llama,
 )
+from mlx_openelm.export.llama_cpp import open_llama as _open_llama  # noqa: E402
 
 TRAINED = SHARED / "models" / "openelm-tiny-shakespeare"
 
@@ -41,6 +41,10 @@ def trained(tmp_path_factory):
     text = " ".join(json.loads(line)["text"] for line in lines[:4])
     tokens = tok.encode(text)  # BOS + text
     return model, tokens, tmp_path_factory.mktemp("trained-gguf")
+
+
+def open_llama(path: Path, **kw):
+    return _open_llama(path, threads=1, **kw)  # one thread: robust on a busy shared machine
 
 
 def export(model_dir: Path, out: Path, outtype: str, **kw) -> Path:

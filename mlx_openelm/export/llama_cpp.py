@@ -35,10 +35,20 @@ def require_llama_cpp() -> Any:
     return llama_cpp
 
 
-def open_llama(path: str | Path, n_ctx: int = 512, logits_all: bool = True, **kw: Any) -> Any:
-    """A ``llama_cpp.Llama`` on ``path`` (one thread per core, quiet)."""
+def open_llama(
+    path: str | Path,
+    n_ctx: int = 512,
+    logits_all: bool = True,
+    threads: int | None = None,
+    **kw: Any,
+) -> Any:
+    """A ``llama_cpp.Llama`` on ``path``, quiet; ``threads`` default: one per core.
+
+    On a shared, oversubscribed machine one thread is far faster for checks: llama.cpp's
+    threads spin at every barrier and stall when the OS parks one of them.
+    """
     llama_cpp = require_llama_cpp()
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     return llama_cpp.Llama(
         model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
         n_threads_batch=threads, logits_all=logits_all, verbose=False, **kw,
@@ -71,11 +81,17 @@ def mlx_logits(model: Any, tokens: list[int]) -> np.ndarray:
 
 
 def mlx_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    """``n`` tokens our model generates greedily after ``prompt`` (full forward each step)."""
-    tokens = list(prompt)
+    """``n`` tokens our model generates greedily after ``prompt`` (with its KV cache)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[0, -1]
+    out: list[int] = []
     for _ in range(n):
-        tokens.append(int(mlx_logits(model, tokens)[-1].argmax()))
-    return tokens[len(prompt) :]
+        out.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([out[-1:]]), cache=cache)[0, -1]
+    return out
 
 
 def max_rel_error(got: np.ndarray, want: np.ndarray) -> float:
