@@ -60,7 +60,7 @@ def parity_rows(label: str, folder: Path, model, tokens: list[int], tmp: Path) -
     for outtype in OUTTYPES:
         out = tmp / f"{folder.name}-{outtype}.gguf"
         export_gguf(folder, out, outtype=outtype, tokenizer=TOKENIZER, force=True)
-        llm = open_llama(out, n_ctx=512)
+        llm = open_llama(out, n_ctx=512, threads=1)
         err = max_rel_error(llama_logits(llm, prompt), ours)
         same = same_prefix(llama_greedy(llm, prompt, 32), ours_greedy)
         top1 = float((llama_logits(llm, held_out).argmax(-1) == ours_held.argmax(-1)).mean())
@@ -92,8 +92,10 @@ def lora_rows(tokens: list[int], tmp: Path) -> list[str]:
     export_gguf(TRAINED, fused, adapter=adapter, outtype="f32", tokenizer=TOKENIZER, force=True)
     export_gguf(TRAINED, base_gguf, outtype="f32", tokenizer=TOKENIZER, force=True)
     export_gguf(TRAINED, lora, adapter=adapter, lora_only=True, force=True)
-    got_fused = llama_logits(open_llama(fused, n_ctx=128), prompt)
-    got_lora = llama_logits(open_llama(base_gguf, n_ctx=128, lora_path=str(lora)), prompt)
+    got_fused = llama_logits(open_llama(fused, n_ctx=128, threads=1), prompt)
+    got_lora = llama_logits(
+        open_llama(base_gguf, n_ctx=128, threads=1, lora_path=str(lora)), prompt
+    )
     checks = [
         ("adapter effect (base vs base + adapter, ours)", base_logits),
         ("fused LoRA GGUF (f32) vs our base + adapter", got_fused),

@@ -127,3 +127,21 @@ def test_chat_template_renders_our_prompt_tokens(trained, tmp_path):
     rendered = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=messages)
     theirs = llm.tokenize(rendered.prompt.encode(), add_bos=True, special=True)
     assert theirs == ours.apply_chat_template(messages, tokenize=True)
+
+
+def test_bench_compare_llama_cpp_prints_its_row(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from mlx_openelm.cli import app
+
+    args = ["bench", "-m", str(tiny_model_dir), "-p", "8", "-g", "4", "-n", "1"]
+    r = CliRunner().invoke(app, [*args, "--compare-llama-cpp", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output[r.output.index("{") :])
+    rows = {row["name"]: row for row in data["rows"]}
+    assert set(rows) == {"mlx-openelm", "llama.cpp F32"}
+    assert rows["llama.cpp F32"]["generation_tps"] > 0 and rows["llama.cpp F32"]["trials"] == 1
+    assert data["ratio_llama_cpp"]["generation_tps"] == pytest.approx(
+        rows["mlx-openelm"]["generation_tps"] / rows["llama.cpp F32"]["generation_tps"]
+    )
+    assert "one per core" in data["bandwidth_method"] and data["decode_limit_tps"] > 0

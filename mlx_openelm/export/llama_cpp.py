@@ -42,16 +42,19 @@ def open_llama(
     threads: int | None = None,
     **kw: Any,
 ) -> Any:
-    """A ``llama_cpp.Llama`` on ``path``, quiet; ``threads`` default: one per core.
+    """A quiet ``llama_cpp.Llama`` on ``path``.
 
-    On a shared, oversubscribed machine one thread is far faster for checks: llama.cpp's
-    threads spin at every barrier and stall when the OS parks one of them.
+    ``threads`` None keeps llama-cpp-python's defaults (decode on half the cores, as if each had
+    two hyper-threads; prompt batches on all), which is what a user of the package gets. On a
+    shared, oversubscribed machine one thread is far faster for checks: llama.cpp's threads spin
+    at every barrier and stall when the OS parks one of them.
     """
     llama_cpp = require_llama_cpp()
-    threads = threads or os.cpu_count() or 1
+    if threads is not None:
+        kw = {"n_threads": threads, "n_threads_batch": threads, **kw}
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-        n_threads_batch=threads, logits_all=logits_all, verbose=False, **kw,
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+        logits_all=logits_all, verbose=False, **kw,
     )  # fmt: skip
 
 
