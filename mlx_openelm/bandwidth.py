@@ -30,9 +30,10 @@ class Bandwidth:
 
     @property
     def method(self) -> str:
+        who = "one per core" if self.readers == (os.cpu_count() or 1) else "alone"
         return (
-            f"NumPy float32 sum, {self.readers} reader process(es) (one per core) x "
-            f"{self.megabytes_each} MB, best of {self.repeats}, outside MLX"
+            f"NumPy float32 sum outside MLX, {self.readers} reader process(es) ({who}) x "
+            f"{self.megabytes_each} MB, best of {self.repeats}"
         )
 
 
