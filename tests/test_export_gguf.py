@@ -216,13 +216,23 @@ def test_bad_input_is_one_line_and_exit_1(tiny_model_dir, tmp_path):
                             share_input_output_layers=False)  # fmt: skip
     code, text = export(untied, tmp_path / "u.gguf")
     assert code == 1 and "own output head" in text and len(text.strip().splitlines()) == 1
+    gelu = make_model_dir(tmp_path / "gelu", tiny_model_dir / "tokenizer.model",
+                          activation_fn_name="gelu")  # fmt: skip
+    code, text = export(gelu, tmp_path / "g.gguf")
+    assert code == 1 and "llama.cpp's graph uses SiLU" in text
     spec = AdapterSpec(rank=4, alpha=8.0, num_layers=2, targets=("qkv_proj",))
     other = make_model_dir(tmp_path / "wide", tiny_model_dir / "tokenizer.model", model_dim=96)
     adapter = make_adapters(other, tmp_path / "other-lora", spec)
     for extra in ([], ["--lora-only"]):
         code, text = export(tiny_model_dir, tmp_path / "a.gguf", "--adapter", adapter, *extra)
         assert code == 1 and "do not fit this model" in text, text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "other-lora", "untied", "wide"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gelu",
+        "m.gguf",
+        "other-lora",
+        "untied",
+        "wide",
+    ]
 
 
 def test_write_error_leaves_no_file(tiny_model_dir, tmp_path):

@@ -9,7 +9,7 @@ Read from llama.cpp itself: ``conversion/openelm.py`` (its HF converter), gguf-p
   ``ffn_gate`` and ``ffn_up``, and a GGUF source is joined back;
 - no ``output.weight``: the graph reuses ``token_embd`` as the output head (tied), so a model
   with its own ``lm_head`` cannot run there; the graph also always applies q/k norms and a
-  gated FFN (SwiGLU), so models without them are refused too (:func:`check_exportable`);
+  gated SiLU FFN (SwiGLU), so models without them are refused too (:func:`check_exportable`);
 - per-layer head counts and FFN widths as arrays; RoPE is NeoX style (rotate-half, ours).
 """
 
@@ -87,6 +87,9 @@ def check_exportable(args: ModelArgs, where: str) -> None:
         problems.append("it has no q/k norms (normalize_qk_projections is false)")
     if not args.ffn_with_glu:
         problems.append("its FFN is not gated (ffn_with_glu is false)")
+    activation = getattr(args, "activation_fn_name", "swish")
+    if activation not in ("swish", "silu"):
+        problems.append(f"its FFN activation is {activation!r}; llama.cpp's graph uses SiLU")
     if problems:
         raise ConfigError(
             f"{where} cannot be exported for llama.cpp: {'; '.join(problems)}. llama.cpp would "
