@@ -123,20 +123,37 @@ def read_args(reader: Any, path: Path, vocab_rows: int) -> ModelArgs:
     q = _per_layer(_field(reader, f"{ARCH}.attention.head_count"), n)
     kv = _per_layer(_field(reader, f"{ARCH}.attention.head_count_kv", q), n)
     divisor = 256 if all(f % 256 == 0 for f in ffn) else math.gcd(*ffn)
+    head_dim = int(_field(reader, f"{ARCH}.attention.key_length"))
+    groups = q[0] // kv[0]
+    if any(h % groups or h // groups != k for h, k in zip(q, kv)):
+        raise ConfigError(
+            f"{path}: head counts {q} / KV heads {kv} do not share one query-to-KV ratio, which "
+            "an OpenELM config (num_gqa_groups) needs"
+        )
     params = {
         "num_transformer_layers": n,
         "model_dim": dim,
-        "head_dim": int(_field(reader, f"{ARCH}.attention.key_length")),
+        "head_dim": head_dim,
         "vocab_size": vocab_rows,
         "num_query_heads": q,
         "num_kv_heads": kv,
-        "num_gqa_groups": q[0] // kv[0],
+        "num_gqa_groups": groups,
+        # Per-layer multipliers that give these head counts back through Apple's formula, so
+        # the config.json written from them is consistent.
+        "qkv_multipliers": [h * head_dim / dim for h in q],
         # Widths are stored; the multipliers m = width / dim give them back exactly.
         "ffn_multipliers": [f / dim for f in ffn],
         "ffn_dim_divisor": divisor,
         "rope_freq_constant": float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
         "rms_norm_eps": float(_field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)),
         "max_context_length": int(_field(reader, f"{ARCH}.context_length", 2048)),
+        # What llama.cpp's OpenELM graph always is (fields left out would take Apple's
+        # OpenELMConfig defaults, which differ): tied head, q/k norms, SwiGLU, RMSNorm.
+        "share_input_output_layers": True,
+        "normalize_qk_projections": True,
+        "ffn_with_glu": True,
+        "activation_fn_name": "swish",
+        "normalization_layer_name": "rms_norm",
     }
     args = ModelArgs.from_dict(params)
     if args.ffn_dims != ffn:
