@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.errors import ConfigError, TokenizerError, WeightsError
+from mlx_openelm.errors import ConfigError, MissingDependencyError, TokenizerError, WeightsError
 from mlx_openelm.export.layout import ARCH, GATE, UP, from_gguf_name
 
 from .checkpoint import Checkpoint
@@ -35,7 +35,7 @@ def _reader(path: Path) -> Any:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ConfigError(
+        raise MissingDependencyError(
             f"reading {path} needs the gguf package: pip install 'mlx-openelm[gguf]'"
         ) from None
     try:

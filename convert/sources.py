@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mlx_openelm.choices import SourceFormat, values
 from mlx_openelm.errors import ConfigError, ModelNotFoundError
 from mlx_openelm.loading import looks_like_repo_id
 
@@ -20,7 +21,7 @@ from .corenet import open_corenet
 from .gguf import open_gguf
 from .hf import download, is_hf_folder, open_hf_folder
 
-FORMATS = ("hf", "corenet", "gguf")
+FORMATS = values(SourceFormat)
 _HF_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 
 

@@ -43,7 +43,7 @@ MLX_LM_ROW = "mlx-lm"
 LLAMA_CPP_ROW = "llama.cpp"  # + the GGUF type: "llama.cpp F32"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trial:
     prompt_tps: float
     generation_tps: float
@@ -55,7 +55,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchRow:
     name: str
     trials: list[Trial] = field(default_factory=list)
@@ -69,7 +69,7 @@ class BenchRow:
         return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchReport:
     model: str
     prompt_tokens: int
@@ -177,15 +177,25 @@ def _check(prompt_tokens: int, generation_tokens: int, trials: int) -> None:
             raise GenerationError(f"{name} must be at least 1, got {value}")
 
 
-def _no_eos(tokenizer: Any) -> Any:
+def no_eos(tokenizer: Any) -> Any:
     """An mlx-lm tokenizer wrapper that never stops on EOS (fixed-length runs)."""
     wrapper = tokenizer.to_mlx_lm() if hasattr(tokenizer, "to_mlx_lm") else tokenizer
     wrapper.eos_token_ids = []
     return wrapper
 
 
-def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, **kw: Any) -> Trial:
-    """One timed run; peak memory counts this model's weights, not every loaded model's."""
+def run_trial(
+    generate: Callable[..., Any],
+    model: nn.Module,
+    own_bytes: int,
+    on_response: Callable[[Any], None] | None = None,
+    **kw: Any,
+) -> Trial:
+    """One timed run of ``generate(model, **kw)`` (our or mlx-lm's ``stream_generate``).
+
+    Peak memory counts this model's weights (``own_bytes``), not every loaded model's;
+    ``on_response`` sees each response (e.g. to collect the tokens).
+    """
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()
@@ -193,8 +203,15 @@ def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, *
     last = None
     for response in generate(model, **kw):
         last = response
+        if on_response is not None:
+            on_response(response)
     peak = mx.get_peak_memory() - baseline + own_bytes
-    return Trial(last.prompt_tps, last.generation_tps, peak / 1e9, last.generation_tokens)
+    return Trial(
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=peak / 1e9,
+        generated=last.generation_tokens,
+    )
 
 
 def bench(
@@ -221,7 +238,8 @@ def bench(
         compare_llama_cpp: also export the folder to GGUF and time it in llama.cpp.
 
     Raises:
-        GenerationError: a count below 1. ExportError: llama-cpp-python missing (when asked).
+        GenerationError: a count below 1. MissingDependencyError: no llama-cpp-python (when
+            asked).
         Loading errors as in :func:`mlx_openelm.load`.
     """
     from .generate import stream_generate
@@ -242,13 +260,13 @@ def bench(
         theirs, _ = mlx_lm_load_model(folder)
         models.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
     prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
-    kw = {"tokenizer": _no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
+    kw = {"tokenizer": no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
     # Warm-up (untimed, short: any forward touches every weight once and builds the kernels).
     warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
     runners: list[tuple[str, Callable[[], Trial]]] = []
     for name, generate, m in models:
-        _run_trial(generate, m, 0, **warm)
-        runners.append((name, functools.partial(_run_trial, generate, m, weight_bytes(m), **kw)))
+        run_trial(generate, m, 0, **warm)
+        runners.append((name, functools.partial(run_trial, generate, m, weight_bytes(m), **kw)))
     if compare_llama_cpp:
         runners.append(_llama_cpp_runner(folder, ours, prompt, generation_tokens))
     rows = _run_rows(runners, trials, on_trial)
@@ -272,7 +290,7 @@ def _run_rows(
     on_trial: Callable[[str, int, Trial], None] | None,
 ) -> list[BenchRow]:
     """Alternate the runners trial by trial (reversed every other trial), so load hits all."""
-    rows = [BenchRow(name) for name, _ in runners]
+    rows = [BenchRow(name=name) for name, _ in runners]
     for i in range(trials):
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
         for j in order:
@@ -300,7 +318,7 @@ def _llama_cpp_runner(
 
     def run() -> Trial:
         r = time_llama(llm, prompt, generation_tokens, baseline)
-        return Trial(r["prompt_tps"], r["generation_tps"], r["peak_memory_gb"], r["generated"])
+        return Trial(**r)
 
     return label, run
 

@@ -57,5 +57,9 @@ class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""
 
 
+class MissingDependencyError(OpenELMError):
+    """An optional extra a command needs is not installed (the message says how to add it)."""
+
+
 class ExportError(OpenELMError):
     """An export cannot be written (a full disk, a bad output path) or does not fit its target."""

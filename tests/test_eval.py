@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model_dir
+from conftest import make_model_dir, one_error_line
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
@@ -318,13 +318,6 @@ def test_choice_errors(tiny):
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def _one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.splitlines()  # no blank line either (an empty progress display)
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
-
-
 def test_cli_perplexity_text_and_json(tiny, tmp_path):
     folder, model, tok, _ = tiny
     data = tmp_path / "wiki.txt"
@@ -373,14 +366,14 @@ def test_cli_perplexity_bad_inputs(tiny, tmp_path, content, extra, match):
     if content is not None:
         data.write_text(content)
     cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data), *extra]
-    assert match in _one_error_line(runner.invoke(app, cmd))
+    assert match in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_perplexity_malformed_jsonl(tiny, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "broken"\n')
     cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data)]
-    assert f"{data}:2: not valid JSON" in _one_error_line(runner.invoke(app, cmd))
+    assert f"{data}:2: not valid JSON" in one_error_line(runner.invoke(app, cmd))
 
 
 @pytest.mark.parametrize(
@@ -394,34 +387,22 @@ def test_cli_choice_bad_inputs(tiny, tmp_path, line, match):
     tasks = tmp_path / "t.jsonl"
     tasks.write_text(line + "\n")
     cmd = ["eval", "choice", "-m", str(tiny[0]), "--tasks", str(tasks)]
-    assert f"{tasks}{match}" in _one_error_line(runner.invoke(app, cmd))
+    assert f"{tasks}{match}" in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_eval_missing_model(tmp_path):
     cmd = ["eval", "choice", "-m", str(tmp_path / "nope"), "--tasks", str(EXAMPLE_TASKS)]
-    assert "not found" in _one_error_line(runner.invoke(app, cmd))
+    assert "not found" in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_perplexity_applies_the_adapter(tiny, tmp_path):
     """An adapter with non-zero LoRA weights changes the perplexity to that of the adapted model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from lora_helpers import write_random_lora
 
     from mlx_openelm.loading import load_adapters
 
     folder, model, tok, _ = tiny
-    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]}
-    adapted, _ = load_model(folder)
-    adapted.freeze()
-    linear_to_lora_layers(adapted, 2, lora)
-    mx.random.seed(0)
-    params = {k: mx.random.normal(v.shape) for k, v in tree_flatten(adapted.trainable_parameters())}
-    out = tmp_path / "adapter"
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
-    (out / "adapter_config.json").write_text(json.dumps(config))
+    out = write_random_lora(folder, tmp_path / "adapter")
     data = tmp_path / "t.txt"
     data.write_text(TEXT)
     cmd = ["eval", "perplexity", "-m", str(folder), "--data", str(data), "--seq-len", "32"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, ExportError, OutputExistsError
+from ..errors import ConfigError, MissingDependencyError, OutputExistsError
 from .options import OutType, parse_outtype
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ExportError(
+        raise MissingDependencyError(
             "GGUF export needs the gguf package: pip install 'mlx-openelm[gguf]'"
         ) from None
 

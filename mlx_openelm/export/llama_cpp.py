@@ -16,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import MissingDependencyError
 
 
 def require_llama_cpp() -> Any:
     """The ``llama_cpp`` module.
 
     Raises:
-        ExportError: llama-cpp-python is not installed.
+        MissingDependencyError: llama-cpp-python is not installed.
     """
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError(
+        raise MissingDependencyError(
             "comparing with llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
             "(it builds llama.cpp from source; cmake and a C++ compiler are required)"
         ) from None
