@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 
@@ -79,7 +79,7 @@ class LazyProgress(Progress):
     def __enter__(self) -> LazyProgress:
         return self
 
-    def add_task(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - Progress's signature
+    def add_task(self, *args: Any, **kwargs: Any) -> TaskID:  # Progress.add_task's signature
         if not self.live.is_started:
             self.start()
         return super().add_task(*args, **kwargs)

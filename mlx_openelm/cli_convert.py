@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +18,11 @@ from mlx_openelm.cli_common import (
     err,
     out,
 )
+
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from rich.progress import Progress
+
+    from mlx_openelm.convert import ConvertProgress, ConvertResult
 
 
 class SourceFormat(str, Enum):
@@ -65,10 +71,10 @@ _MIXED_HELP = (
 )
 
 
-def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
+def _progress_reporter(progress: Progress) -> Callable[[ConvertProgress], None]:
     tasks: dict[str, int] = {}
 
-    def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(p: ConvertProgress) -> None:
         if p.phase not in tasks:
             tasks[p.phase] = progress.add_task(p.phase, total=p.bytes_total, count="")
         count = f"{p.tensors_done}/{p.tensors_total} tensors"
@@ -77,7 +83,7 @@ def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> cal
     return report
 
 
-def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert.ConvertResult
+def _convert_summary(result: ConvertResult) -> list[str]:
     quant = ""
     if result.quantization:
         q = result.quantization

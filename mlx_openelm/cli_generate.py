@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,7 +23,7 @@ from mlx_openelm.cli_common import (
     TopPOpt,
     err,
 )
-from mlx_openelm.generate import (
+from mlx_openelm.generate_options import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_NUM_DRAFT,
@@ -30,7 +31,11 @@ from mlx_openelm.generate import (
     DEFAULT_TEMP,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    GenerationOptions,
 )
+
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from mlx_openelm.convert import ConvertProgress
 
 PromptOpt = Annotated[
     str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
@@ -58,19 +63,17 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def _sampling(max_tokens: int, **options: object) -> dict[str, object]:
-    """Check the flags before a model loads, so a bad value fails at once."""
-    from mlx_openelm.generate import validate_options
-
-    validate_options(max_tokens=max_tokens, **{k: v for k, v in options.items() if k != "seed"})
-    return options
+def _options(flags: dict[str, object]) -> GenerationOptions:
+    """The generation options among a command's parameters (named like the fields), checked
+    before a model loads so that a bad value fails at once."""
+    return GenerationOptions.from_mapping(flags).validate()
 
 
-def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
+def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
     """One dim line per phase when a hub model is converted on first use."""
     phases: set[str] = set()
 
-    def report(progress) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(progress: ConvertProgress) -> None:
         if progress.phase not in phases:
             phases.add(progress.phase)
             what = "hashing the download" if progress.phase == "hash" else "converting it"
@@ -100,21 +103,17 @@ def generate(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
 ) -> None:
     """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
+    options = _options(locals())
     from mlx_openelm.errors import GenerationError
     from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
     from mlx_openelm.generate import stream_generate as stream
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
@@ -123,7 +122,7 @@ def generate(
     )
     ids = build_prompt(tok, text, system, raw)
     last, drafted = None, 0
-    for r in stream(m, tok, ids, max_tokens, draft_model=draft, **sampling):
+    for r in stream(m, tok, ids, options=options, draft_model=draft):
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
@@ -169,25 +168,20 @@ def chat(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
+    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
-    from mlx_openelm.chat import ChatSession, run_repl
+    options = _options(locals())
+    from mlx_openelm.chat import ChatSession
+    from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
-    session = ChatSession(
-        m, tok, system=system, max_tokens=max_tokens, draft_model=draft, **sampling
-    )
+    session = ChatSession(m, tok, system=system, options=options, draft_model=draft)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     err.print(f"Chatting with {model}. /help lists commands; /quit or Ctrl-D leaves.", style="dim")

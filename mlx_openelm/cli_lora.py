@@ -6,9 +6,10 @@ Registered on the app in ``cli.py``; the training defaults come from ``TrainConf
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,6 +26,9 @@ from mlx_openelm.cli_common import (
     out,
 )
 from mlx_openelm.lora.config import AdapterSpec, TrainConfig  # no MLX import
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 _SPEC, _TRAIN = AdapterSpec(), TrainConfig()  # the one place the fine-tuning defaults live
 
@@ -47,7 +51,7 @@ class OptimizerName(str, Enum):
     sgd = "sgd"
 
 
-def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> training callback
+def _lora_reporter(progress: Progress) -> Callable[[object], None]:
     from mlx_openelm.lora import DataReport, EvalReport, SaveReport, StartReport, StepReport
 
     task: list[int] = []
@@ -93,7 +97,7 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
     return report
 
 
-def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None):  # noqa: ANN202
+def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """``--config FILE``: a YAML mapping of ``lora`` flags used as their defaults.
 
     Keys are the flag names (``batch_size: 2`` or ``batch-size: 2``; ``targets`` may be a list);

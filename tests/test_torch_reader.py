@@ -142,7 +142,7 @@ def test_shared_storage_reads_only_each_tensors_bytes(
     archive_class = torch_reader._Archive
     original = archive_class.read_range
 
-    def recording(self, name: str, start: int, length: int) -> np.ndarray:  # noqa: ANN001
+    def recording(self: object, name: str, start: int, length: int) -> np.ndarray:
         reads.append((name, start, length))
         return original(self, name, start, length)
 

@@ -20,10 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import OpenELMError
-from .generate import stream_generate
-from .prompt_cache import PrefixCache
-from .server_format import TokenLogprob
+from ..errors import OpenELMError
+from ..generate import GenerationOptions, stream_generate
+from ..prompt_cache import PrefixCache
+from .responses import TokenLogprob
 
 __all__ = ["Engine", "Failed", "Finished", "Job", "Piece", "QueueFull"]
 
@@ -56,11 +56,10 @@ Event = Piece | Finished | Failed
 
 @dataclass
 class Job:
-    """A prompt to complete; ``sampling`` holds :func:`stream_generate` keyword options."""
+    """A prompt to complete with ``options`` (their ``max_tokens`` already fits the context)."""
 
     ids: list[int]
-    max_tokens: int
-    sampling: dict[str, Any]
+    options: GenerationOptions
     sink: Callable[[Event], None]
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token and k others
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -157,9 +156,8 @@ class Engine:
             self.model,
             self.tokenizer,
             job.ids[reused:],
-            job.max_tokens,
+            options=job.options,
             prompt_cache=cache,
-            **job.sampling,
         )
         try:
             for r in responses:

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ServeError
-from .server_schema import DEFAULT_HOST, DEFAULT_PORT, APIError
+from ..errors import ServeError
+from .schema import DEFAULT_HOST, DEFAULT_PORT, APIError
 
 try:
     import uvicorn
