@@ -26,10 +26,15 @@ from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
     FastBlasOpt,
+    FrequencyOpt,
     JsonOpt,
     LazyProgress,
     MaxTokensOpt,
     ModelOpt,
+    PresenceOpt,
+    PromptLookupOpt,
+    RepPenaltyOpt,
+    RepScopeOpt,
     SeedOpt,
     TempOpt,
     TokenizerOpt,
@@ -274,7 +279,6 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
 
 
 # === serve ===
-from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
 from mlx_openelm.serve.schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -286,6 +290,7 @@ _SERVE = ServerSettings()  # the one place the server's defaults live
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
@@ -304,18 +309,27 @@ def serve(
     max_tokens: MaxTokensOpt = _SERVE.generation.max_tokens,
     temp: TempOpt = _SERVE.generation.temp,
     top_p: TopPOpt = _SERVE.generation.top_p,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_scope: RepScopeOpt = None,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FrequencyOpt = 0.0,
+    prompt_lookup_num_tokens: PromptLookupOpt = None,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
     ] = _SERVE.max_queue,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) locally.
 
-    --max-tokens, --temp and --top-p apply to requests that do not set them.
+    The generation flags apply to requests that do not set them. Instruct models get Apple's
+    decoding unless set: --repetition-penalty 1.2 over the whole context, --prompt-lookup 10
+    (the model's generation_config.json fields come first).
     """
     import logging
 
-    generation = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p)
-    settings = ServerSettings(api_key=api_key, generation=generation, max_queue=max_queue)
+    generation, explicit = cli_generate.options_from_flags(locals(), ctx)
+    settings = ServerSettings(
+        api_key=api_key, generation=generation, max_queue=max_queue, explicit=frozenset(explicit)
+    )
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
 

@@ -33,6 +33,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from .errors import DataError, GenerationError
 from .folder import atomic_write_text
 from .generate import GenerationOptions, check_draft_model, make_cache, stream_generate
+from .lookup import LookupStats
 from .prompt_cache import common_prefix_length
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ class TurnStats:
     peak_memory: float  # GB
     finish_reason: str  # "stop", "length" or "interrupted"
     dropped_turns: int = 0
-    draft_tokens: int = 0
+    draft_tokens: int = 0  # accepted from the draft model or, with prompt lookup, the context
+    lookup_proposed: int = 0  # prompt-lookup candidates checked
 
 
 @dataclass
@@ -230,7 +232,7 @@ class ChatSession:
         pieces: list[str] = []
         generated: list[int] = []
         last: GenerationResponse | None = None
-        drafted = 0
+        drafted, lookup = 0, LookupStats()
         try:
             for last in stream_generate(
                 self.model,
@@ -240,6 +242,8 @@ class ChatSession:
                 options=self.options,
                 prompt_cache=self._cache,
                 draft_model=self.draft_model,
+                context=turn.tokens[: turn.reused],
+                lookup_stats=lookup,
             ):
                 pieces.append(last.text)
                 generated.append(last.token)
@@ -266,6 +270,7 @@ class ChatSession:
                     finish_reason=last.finish_reason if finished else "interrupted",
                     dropped_turns=turn.dropped_turns,
                     draft_tokens=drafted,
+                    lookup_proposed=lookup.proposed,
                 )
             )
 

@@ -11,11 +11,17 @@ import typer
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
+    FrequencyOpt,
+    LogitBiasOpt,
+    LookupNgramOpt,
     MaxTokensOpt,
     MinPOpt,
     ModelOpt,
+    PresenceOpt,
+    PromptLookupOpt,
     RepContextOpt,
     RepPenaltyOpt,
+    RepScopeOpt,
     SeedOpt,
     TempOpt,
     TokenizerOpt,
@@ -24,6 +30,7 @@ from mlx_openelm.cli_common import (
     err,
 )
 from mlx_openelm.generate_options import (
+    DEFAULT_LOOKUP_NGRAM,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_NUM_DRAFT,
@@ -63,10 +70,50 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def _options(flags: dict[str, object]) -> GenerationOptions:
+def options_from_flags(
+    flags: dict[str, object], ctx: typer.Context
+) -> tuple[GenerationOptions, set[str]]:
     """The generation options among a command's parameters (named like the fields), checked
-    before a model loads so that a bad value fails at once."""
-    return GenerationOptions.from_mapping(flags).validate()
+    before a model loads so that a bad value fails at once, and the names the user set."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: Typer ships its own copy of click
+    explicit = {n for n in flags if getattr(ctx.get_parameter_source(n), "name", "") in given}
+    values = {k: v for k, v in flags.items() if not (k == "repetition_scope" and v is None)}
+    values["logit_bias"] = _logit_bias(flags.get("logit_bias") or [])
+    if values.get("prompt_lookup_num_tokens") == 0:  # 0: off, even where a model turns it on
+        values["prompt_lookup_num_tokens"] = None
+    options = GenerationOptions.from_mapping(values).validate()
+    if flags.get("draft_model") and options.prompt_lookup_num_tokens is not None:
+        options.check_with_draft()  # both set: says to pick one
+    return options, explicit
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    """``--logit-bias ID=BIAS`` flags as ``{id: bias}``."""
+    from mlx_openelm.errors import GenerationError
+
+    bias: dict[int, float] = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise GenerationError(
+                f"--logit-bias wants ID=BIAS (e.g. --logit-bias 29871=-100), got {item!r}"
+            ) from None
+        if not sep:
+            raise GenerationError(f"--logit-bias wants ID=BIAS, got {item!r}")
+    return bias
+
+
+def _with_model_defaults(
+    options: GenerationOptions, explicit: set[str], model: str, instruct: bool, draft: bool
+) -> GenerationOptions:
+    """The options over the model's defaults (generation_config.json; Apple's for Instruct)."""
+    from mlx_openelm.decoding_defaults import with_model_defaults
+    from mlx_openelm.loading import resolve_model_path
+
+    folder = resolve_model_path(model)  # already converted and cached by the load
+    return with_model_defaults(options, folder, instruct=instruct, explicit=explicit, draft=draft)
 
 
 def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
@@ -88,6 +135,7 @@ def _write(text: str) -> None:
 
 
 def generate(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     prompt: PromptOpt = None,
     system: SystemOpt = None,
@@ -97,7 +145,13 @@ def generate(
     top_k: TopKOpt = DEFAULT_TOP_K,
     min_p: MinPOpt = DEFAULT_MIN_P,
     repetition_penalty: RepPenaltyOpt = None,
+    repetition_scope: RepScopeOpt = None,
     repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FrequencyOpt = 0.0,
+    logit_bias: LogitBiasOpt = None,
+    prompt_lookup_num_tokens: PromptLookupOpt = None,
+    prompt_lookup_max_ngram: LookupNgramOpt = DEFAULT_LOOKUP_NGRAM,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     adapter: AdapterOpt = None,
@@ -108,11 +162,16 @@ def generate(
     kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
 ) -> None:
-    """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
-    options = _options(locals())
+    """Generate text for a prompt, streamed to stdout; speed and memory go to stderr.
+
+    Defaults come from the model's generation_config.json when it has sampling fields (not
+    with --raw); otherwise greedy, no penalty, no prompt lookup.
+    """
+    options, explicit = options_from_flags(locals(), ctx)
     from mlx_openelm.errors import GenerationError
     from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
     from mlx_openelm.generate import stream_generate as stream
+    from mlx_openelm.lookup import LookupStats
 
     text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
     if text is None:
@@ -121,12 +180,16 @@ def generate(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
     ids = build_prompt(tok, text, system, raw)
-    last, drafted = None, 0
-    for r in stream(m, tok, ids, options=options, draft_model=draft):
+    if not raw:
+        options = _with_model_defaults(options, explicit, model, False, draft is not None)
+    last, drafted, lookup = None, 0, LookupStats()
+    for r in stream(m, tok, ids, options=options, draft_model=draft, lookup_stats=lookup):
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
-    err.print(format_stats(last, drafted if draft else None), style="dim", markup=False)
+    looked = lookup if options.prompt_lookup_num_tokens else None
+    stats = format_stats(last, drafted if draft else None, looked)
+    err.print(stats, style="dim", markup=False)
 
 
 class _TerminalIO:
@@ -154,6 +217,7 @@ class _TerminalIO:
 
 
 def chat(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
@@ -162,7 +226,13 @@ def chat(
     top_k: TopKOpt = DEFAULT_TOP_K,
     min_p: MinPOpt = DEFAULT_MIN_P,
     repetition_penalty: RepPenaltyOpt = None,
+    repetition_scope: RepScopeOpt = None,
     repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FrequencyOpt = 0.0,
+    logit_bias: LogitBiasOpt = None,
+    prompt_lookup_num_tokens: PromptLookupOpt = None,
+    prompt_lookup_max_ngram: LookupNgramOpt = DEFAULT_LOOKUP_NGRAM,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     adapter: AdapterOpt = None,
@@ -172,8 +242,12 @@ def chat(
     max_kv_size: MaxKVOpt = None,
     kv_bits: KVBitsOpt = None,
 ) -> None:
-    """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
-    options = _options(locals())
+    """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands.
+
+    Instruct models get Apple's decoding unless set: --repetition-penalty 1.2 over the whole
+    context and --prompt-lookup 10; the model's generation_config.json fields come first.
+    """
+    options, explicit = options_from_flags(locals(), ctx)
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation
@@ -181,6 +255,8 @@ def chat(
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
+    instruct = tok.chat_template is not None
+    options = _with_model_defaults(options, explicit, model, instruct, draft is not None)
     session = ChatSession(m, tok, system=system, options=options, draft_model=draft)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())

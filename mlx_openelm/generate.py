@@ -28,6 +28,8 @@ import mlx.nn as nn
 
 from .errors import GenerationError, ModelNotFoundError
 from .generate_options import GenerationOptions, StopMatcher  # re-exported
+from .lookup import LookupStats
+from .penalties import with_history
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
@@ -153,6 +155,8 @@ def stream_generate(
     draft_model: nn.Module | None = None,
     prompt_cache: list[Any] | None = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    context: Sequence[int] = (),
+    lookup_stats: LookupStats | None = None,
     **option_keywords: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token; the call shape of ``mlx_lm.stream_generate``.
@@ -171,6 +175,9 @@ def stream_generate(
         prompt_cache: a cache from ``make_cache`` to extend in place (multi-turn reuse); it then
             holds the prompt and every generated token, EOS included.
         prompt_progress_callback: ``(processed, total)`` during prefill (not with a draft model).
+        context: the ids ``prompt_cache`` already holds (an earlier turn): prompt lookup matches
+            them and the context-scope repetition penalty counts them.
+        lookup_stats: counts proposed and accepted prompt-lookup candidates, when given.
         **option_keywords: :class:`GenerationOptions` fields (``temp=0.7``, ``stop=[...]``)
             applied over ``options``: the keyword form of the same call.
 
@@ -188,10 +195,19 @@ def stream_generate(
     if max_tokens is not None:
         option_keywords["max_tokens"] = max_tokens
     opts = GenerationOptions.of(options, **option_keywords).validate()
+    opts.check_logit_bias(vocab_size(model))
     ids = _prompt_ids(tokenizer, prompt)
+    processors = opts.logits_processors(start=len(context) + ids.size)
+    if opts.prompt_lookup_num_tokens is not None:
+        if draft_model is not None:
+            opts.check_with_draft()  # says to pick one
+        responses = _lookup(model, tokenizer, ids, opts, processors, prompt_cache, context,
+                            lookup_stats, prompt_progress_callback)  # fmt: skip
+        yield from _with_stops(responses, StopMatcher(opts.stop))
+        return
     kwargs: dict[str, Any] = {
         "sampler": opts.sampler(),
-        "logits_processors": opts.logits_processors(),
+        "logits_processors": with_history(processors, context),
         "prompt_cache": prompt_cache,
         "kv_bits": opts.kv_bits,
         "kv_group_size": opts.kv_group_size,
@@ -210,6 +226,34 @@ def stream_generate(
         model, _for_mlx_lm(tokenizer), ids, opts.max_tokens, draft_model=draft_model, **kwargs
     )
     yield from _with_stops(responses, StopMatcher(opts.stop))
+
+
+def _lookup(
+    model: nn.Module,
+    tokenizer: Any,
+    ids: mx.array,
+    opts: GenerationOptions,
+    processors: list[Any],
+    cache: list[Any] | None,
+    context: Sequence[int],
+    stats: LookupStats | None,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[GenerationResponse]:
+    """Prompt-lookup decoding (:mod:`mlx_openelm.lookup`) behind mlx-lm's response shape."""
+    from .lookup import Sampling, lookup_generate_step, stream_responses
+
+    if cache is None:
+        cache = make_cache(model, kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size)
+    if opts.seed is not None:
+        mx.random.seed(opts.seed)
+    steps = lookup_generate_step(
+        ids, model, cache=cache, context=context,
+        num_tokens=opts.prompt_lookup_num_tokens, max_ngram=opts.prompt_lookup_max_ngram,
+        max_tokens=opts.max_tokens, logits_processors=processors, stats=stats,
+        sampling=Sampling(temp=opts.temp, top_p=opts.top_p, min_p=opts.min_p, top_k=opts.top_k),
+        prompt_progress_callback=progress,
+    )  # fmt: skip
+    return stream_responses(steps, _for_mlx_lm(tokenizer), ids.size, opts.max_tokens)
 
 
 def _with_stops(
@@ -300,8 +344,11 @@ def _hub_errors_as_not_found(name: str | Path) -> Iterator[None]:
         ) from e
 
 
-def format_stats(last: GenerationResponse, draft_tokens: int | None = None) -> str:
-    """One line of end-of-generation stats from the last response (and draft acceptance)."""
+def format_stats(
+    last: GenerationResponse, draft_tokens: int | None = None, lookup: LookupStats | None = None
+) -> str:
+    """One line of end-of-generation stats from the last response (and draft or lookup
+    acceptance)."""
     line = (
         f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
         f"generated: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -310,4 +357,9 @@ def format_stats(last: GenerationResponse, draft_tokens: int | None = None) -> s
     if draft_tokens is not None:
         share = draft_tokens / max(last.generation_tokens, 1)
         line += f" | draft accepted: {draft_tokens}/{last.generation_tokens} ({share:.0%})"
+    if lookup is not None:
+        line += (
+            f" | lookup: {lookup.accepted} of {lookup.proposed} proposed accepted "
+            f"({lookup.acceptance:.0%})"
+        )
     return line

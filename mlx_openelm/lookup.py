@@ -15,6 +15,8 @@ has no such path, so this module owns it:
   with sampling, the speculative-sampling rule for a point-mass draft (accept candidate ``c``
   with probability ``p(c)``, else draw from ``p`` without ``c``) keeps the output distribution
   exactly that of plain sampling.
+- The number of candidates adapts within ``[1, N]`` (Hugging Face's schedule for draft models:
+  two more after a full acceptance, one fewer otherwise).
 - When lookup keeps missing (no match, or a verification that accepted nothing) it falls back
   to plain decoding, pipelined like mlx-lm's ``generate_step`` (the next step is queued before
   the current token is read), for a back-off that doubles while misses continue.
@@ -214,6 +216,7 @@ class _Decoder:
         self.emitted = 0
         self.backoff = 0  # plain tokens to generate before lookup is tried again
         self.next_backoff = _BACKOFF_START
+        self.width = 0  # candidates to propose next (set to N by run)
 
     def prefill(
         self, prompt: mx.array, step: int, progress: Callable[[int, int], None] | None
@@ -232,11 +235,11 @@ class _Decoder:
         self._progress = lambda: progress(total, total)
 
     def run(self, num_tokens: int, max_tokens: int) -> Iterator[tuple[int, mx.array, bool]]:
-        first = True
+        first, self.width, self.max_width = True, num_tokens, num_tokens
         try:
             while self.emitted < max_tokens:
                 left = max_tokens - self.emitted
-                cands = self.index.propose(min(num_tokens, left - 1)) if not self.backoff else []
+                cands = self.index.propose(min(self.width, left - 1)) if not self.backoff else []
                 if cands:
                     tokens = self._verify(cands)
                 else:
@@ -283,6 +286,10 @@ class _Decoder:
         self.stats.proposed += len(cands)
         self.stats.accepted += accepted
         self.stats.verify_steps += 1
+        # Hugging Face's schedule for assistant models: 2 more after a full acceptance, 1 fewer
+        # otherwise, so a verification stays about as long as what tends to be accepted.
+        full = accepted == len(cands)
+        self.width = min(self.width + 2, self.max_width) if full else max(self.width - 1, 1)
         if accepted:
             self.next_backoff = _BACKOFF_START
         else:  # a miss: plain decoding for a while, longer each time misses continue

@@ -14,21 +14,16 @@ presence * (count > 0)``. ``logit_bias`` adds a value to chosen token ids (mlx-l
 Every processor takes ``(history, logits)``: ``history`` is the whole token history, the part an
 earlier turn left in the KV cache included (:func:`with_history` prepends it for mlx-lm's loop,
 which only sees the tokens it runs), and ``logits`` one row ``(1, V)``.
+The options are checked by :class:`~.generate_options.GenerationOptions`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 
 import mlx.core as mx
 
-from .errors import GenerationError
-
 __all__ = [
-    "RepetitionScope",
-    "check_penalties",
     "context_repetition_penalty",
     "make_processors",
     "openai_penalties",
@@ -36,14 +31,6 @@ __all__ = [
 ]
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts biases in [-100, 100]
-
-
-class RepetitionScope(str, Enum):
-    """Which tokens the repetition penalty counts."""
-
-    context = "context"  # Hugging Face / Apple: every token of the prompt and the reply
-    window = "window"  # mlx-lm: the last repetition_context_size tokens
 
 
 def context_repetition_penalty(penalty: float) -> LogitsProcessor:
@@ -84,59 +71,11 @@ def with_history(processors: list[LogitsProcessor], prefix: Sequence[int]) -> li
     return [wrap(p) for p in processors]
 
 
-def check_penalties(
-    *,
-    repetition_penalty: float | None = None,
-    repetition_scope: str = RepetitionScope.window,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    logit_bias: Mapping[int, float] | None = None,
-    vocab_size: int | None = None,
-) -> None:
-    """Check the penalty options; each problem names the option, the value and the valid range.
-
-    ``logit_bias`` ids are checked against ``vocab_size`` when it is known (a model is loaded).
-
-    Raises:
-        GenerationError: the first option out of range.
-    """
-    if repetition_penalty is not None and not (
-        math.isfinite(repetition_penalty) and repetition_penalty > 0
-    ):
-        raise GenerationError(
-            "repetition_penalty (--repetition-penalty) must be > 0 (1 = off; Apple uses 1.2), "
-            f"got {repetition_penalty!r}"
-        )
-    scopes = [s.value for s in RepetitionScope]
-    if str(getattr(repetition_scope, "value", repetition_scope)) not in scopes:
-        raise GenerationError(
-            f"repetition_scope (--repetition-scope) must be one of {scopes}, "
-            f"got {repetition_scope!r}"
-        )
-    for name, value in (("presence", presence_penalty), ("frequency", frequency_penalty)):
-        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
-            raise GenerationError(
-                f"{name}_penalty (--{name}-penalty) must be in [-2, 2] as in OpenAI's API "
-                f"(0 = off), got {value!r}"
-            )
-    for token, bias in (logit_bias or {}).items():
-        if not isinstance(token, int) or token < 0 or (vocab_size and token >= vocab_size):
-            limit = f"0..{vocab_size - 1}" if vocab_size else ">= 0"
-            raise GenerationError(
-                f"logit_bias (--logit-bias) names token id {token!r}, outside the vocabulary "
-                f"(ids {limit}); use ids from the model's tokenizer"
-            )
-        if not (math.isfinite(bias) and abs(bias) <= LOGIT_BIAS_LIMIT):
-            raise GenerationError(
-                f"logit_bias (--logit-bias) for token {token} must be in [-100, 100], got {bias!r}"
-            )
-
-
 def make_processors(
     *,
     start: int,
     repetition_penalty: float | None = None,
-    repetition_scope: str = RepetitionScope.window,
+    repetition_scope: str = "window",
     repetition_context_size: int = 20,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
@@ -152,7 +91,7 @@ def make_processors(
 
     processors = make_logits_processors(logit_bias=dict(logit_bias)) if logit_bias else []
     if repetition_penalty is not None and repetition_penalty != 1.0:
-        if RepetitionScope(repetition_scope) is RepetitionScope.context:
+        if repetition_scope == "context":
             processors.append(context_repetition_penalty(repetition_penalty))
         else:
             processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
