@@ -236,6 +236,7 @@ class _Decoder:
 
     def run(self, num_tokens: int, max_tokens: int) -> Iterator[tuple[int, mx.array, bool]]:
         first, self.width, self.max_width = True, num_tokens, num_tokens
+        self.start = len(self.index.tokens)  # context + prompt
         try:
             while self.emitted < max_tokens:
                 left = max_tokens - self.emitted
@@ -250,8 +251,8 @@ class _Decoder:
                         first = False
                     self.emitted += 1
                     yield token, logprobs, drafted
-        finally:
-            self._trim_to(len(self.index.tokens) - 1)
+        finally:  # drop verified candidates never yielded (EOS or the caller stopped first)
+            self._trim_to(self.start + self.emitted)
 
     def _trim_to(self, length: int) -> None:
         """Drop cached tokens past ``length`` (candidates verified but never yielded)."""

@@ -189,6 +189,52 @@ def test_stop_strings_and_repetition_penalty(client, loaded):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_prompt_lookup_and_penalties_match_generate(client, loaded):
+    """Prompt lookup leaves greedy text as it is; OpenAI's penalties and logit_bias shape it
+    as they do in generate; a bias of +100 makes one token the only choice."""
+    model, tok = loaded
+    ids = build_prompt(tok, "hi")
+    options = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_scope": "context",
+               "repetition_penalty": 1.3}  # fmt: skip
+    want = generate(model, tok, ids, max_tokens=16, **options)
+    assert want != generate(model, tok, ids, max_tokens=16)
+    for lookup in (None, 5):
+        body = {**options, **({"prompt_lookup_num_tokens": lookup} if lookup else {})}
+        r = client.chat.completions.create(model="x", messages=HI, max_tokens=16, extra_body=body)
+        assert r.choices[0].message.content == want
+    forced = tok.encode("hello", add_bos=False)[-1]
+    want = generate(model, tok, "a", max_tokens=5, logit_bias={forced: 100.0})
+    assert want == tok.decode([forced] * 5)
+    r = client.completions.create(model="x", prompt="a", max_tokens=5, logit_bias={forced: 100})
+    assert r.choices[0].text == want
+
+
+def test_lookup_continued_conversation_reuses_the_prompt_cache(client, loaded):
+    """The prefix cache keeps what lookup leaves (all but the reply's last token)."""
+    model, tok = loaded
+    extra = {"prompt_lookup_num_tokens": 4}
+    first = client.chat.completions.create(model="x", messages=HI, max_tokens=8, extra_body=extra)
+    reply = first.choices[0].message.content
+    conversation = [*HI, {"role": "assistant", "content": reply}, {"role": "user", "content": "ok"}]
+    ids = tok.encode_chat(conversation)
+    r = client.chat.completions.create(
+        model="x", messages=conversation, max_tokens=8, extra_body=extra
+    )
+    assert r.choices[0].message.content == generate(model, tok, ids, max_tokens=8)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(build_prompt(tok, "hi"))
+
+
+def test_serve_gives_instruct_models_apples_defaults(tiny_model_dir, tiny_base_model_dir):
+    from mlx_openelm.serve.app import _with_model_defaults
+
+    settings = ServerSettings(explicit=frozenset({"repetition_penalty"}))
+    for folder, lookup in ((tiny_model_dir, 10), (tiny_base_model_dir, None)):
+        _, tok = load(folder)
+        generation = _with_model_defaults(settings, folder, tok).generation
+        assert generation.prompt_lookup_num_tokens == lookup
+        assert generation.repetition_penalty is None  # the operator's choice (unset) stands
+
+
 def test_logprobs_match_float64_reference(client, loaded):
     _, tok = loaded
     weights = random_weights(tiny_config(vocab_size=tok.vocab_size), seed=0)
@@ -273,6 +319,13 @@ def test_one_log_line_per_request(client, caplog):
         ({"max_tokens": 3}, "messages", "non-empty list"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user'"),
         ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "string"),
+        ({"messages": HI, "logit_bias": {"999999": 5}}, "logit_bias", "outside the vocabulary"),
+        ({"messages": HI, "logit_bias": {"x": 5}}, "logit_bias", "token ids"),
+        ({"messages": HI, "logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
+        ({"messages": HI, "presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
+        ({"messages": HI, "frequency_penalty": "x"}, "frequency_penalty", "number"),
+        ({"messages": HI, "prompt_lookup_num_tokens": -1}, "prompt_lookup_num_tokens", "1..64"),
+        ({"messages": HI, "repetition_scope": "all"}, "repetition_scope", "'context' or"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(url, body, param, words):
