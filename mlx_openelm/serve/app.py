@@ -107,13 +107,13 @@ class _Api:
         }
         return JSONResponse({"object": "list", "data": [model]})
 
+    async def _parse(self, request: Request, *, chat: bool) -> CompletionRequest:
+        body = await json_body(request)
+        defaults = self.settings.generation
+        return parse_request(body, chat=chat, defaults=defaults, vocab_size=self.vocab_size)
+
     async def chat(self, request: Request) -> Response:
-        req = parse_request(
-            await json_body(request),
-            chat=True,
-            defaults=self.settings.generation,
-            vocab_size=self.vocab_size,
-        )
+        req = await self._parse(request, chat=True)
         if self.tokenizer.chat_template is None:
             raise APIError(
                 400,
@@ -125,12 +125,7 @@ class _Api:
         return await self._complete(request, req, ids, "messages", ChatFormat)
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(
-            await json_body(request),
-            chat=False,
-            defaults=self.settings.generation,
-            vocab_size=self.vocab_size,
-        )
+        req = await self._parse(request, chat=False)
         if isinstance(req.prompt, str):  # like mlx_openelm.generate: BOS unless already there
             bos = not req.prompt.startswith(self.tokenizer.bos_token)
             ids = await _encode(self.tokenizer.encode, req.prompt, bos, param="prompt")
