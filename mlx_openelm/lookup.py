@@ -163,7 +163,7 @@ def lookup_generate_step(
     cache: list[Any],
     context: Sequence[int] = (),
     num_tokens: int = 10,
-    max_ngram: int = 3,
+    max_ngram: int = 2,
     max_tokens: int = 256,
     sampling: Sampling = Sampling(),
     logits_processors: Sequence[LogitsProcessor] = (),
@@ -284,22 +284,25 @@ class _Decoder:
             out = accept_sampled(logprobs, cands, self.sampling)
         accepted = len(out) - 1
         self._trim_to(len(self.index.tokens) + accepted)  # the cache now ends at the last accepted
-        self.stats.proposed += len(cands)
+        self._count(accepted, len(cands))
+        self.index.extend(out)
+        return [(t, logprobs[i], i < accepted) for i, t in enumerate(out)]
+
+    def _count(self, accepted: int, proposed: int) -> None:
+        """Record a verification and adapt: Hugging Face's schedule for assistant models (2 more
+        candidates after a full acceptance, 1 fewer otherwise) keeps a verification about as
+        long as what tends to be accepted; a miss sends decoding plain for a while, longer each
+        time misses continue."""
+        self.stats.proposed += proposed
         self.stats.accepted += accepted
         self.stats.verify_steps += 1
-        # Hugging Face's schedule for assistant models: 2 more after a full acceptance, 1 fewer
-        # otherwise, so a verification stays about as long as what tends to be accepted.
-        full = accepted == len(cands)
+        full = accepted == proposed
         self.width = min(self.width + 2, self.max_width) if full else max(self.width - 1, 1)
         if accepted:
             self.next_backoff = _BACKOFF_START
-        else:  # a miss: plain decoding for a while, longer each time misses continue
-            self.backoff, self.next_backoff = (
-                self.next_backoff,
-                min(2 * self.next_backoff, _BACKOFF_CAP),
-            )
-        self.index.extend(out)
-        return [(t, logprobs[i], i < accepted) for i, t in enumerate(out)]
+        else:
+            self.backoff = self.next_backoff
+            self.next_backoff = min(2 * self.next_backoff, _BACKOFF_CAP)
 
     def _plain_step(self, token: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
         logits = self.model(token.reshape(1, 1), cache=self.cache)[:, -1, :]
