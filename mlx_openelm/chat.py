@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from .errors import DataError, GenerationError
 from .folder import atomic_write_text
 from .generate import GenerationOptions, check_draft_model, make_cache, stream_generate
 from .lookup import LookupStats
-from .prompt_cache import common_prefix_length
+from .prompt_cache import reuse_prefix
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TurnStats:
     """What one turn cost. ``prefilled_tokens`` of ``prompt_tokens`` ran through the model; the
     rest came from the cache."""
@@ -59,7 +58,7 @@ class TurnStats:
     lookup_proposed: int = 0  # prompt-lookup candidates checked
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Turn:
     """A planned reply: the conversation fits the context and the cache is ready.
 
@@ -173,7 +172,15 @@ class ChatSession:
             )
         max_tokens = min(self.options.max_tokens, self.context_length - len(tokens))
         reused = self._reuse_cache(tokens)
-        return Turn(self, history, rendered, tokens, reused, max_tokens, dropped)
+        return Turn(
+            session=self,
+            history=history,
+            text=rendered,
+            tokens=tokens,
+            reused=reused,
+            max_tokens=max_tokens,
+            dropped_turns=dropped,
+        )
 
     # -- transcripts ------------------------------------------------------------------------
 
@@ -210,22 +217,18 @@ class ChatSession:
         """Trim the cache to its longest prefix of ``tokens`` (leaving one to run); its length."""
         if self._cache is None:
             self._forget_cache()
-        n = common_prefix_length(self._ids[: self._in_cache], tokens)
-        n = min(n, len(tokens) - 1)  # the last prompt token must run to give the next logits
-        if n < self._in_cache:
-            if can_trim_prompt_cache(self._cache):
-                trim_prompt_cache(self._cache, self._in_cache - n)
-            else:  # a rotating cache that has wrapped around: start over
-                self._forget_cache()
-                n = 0
+        n = reuse_prefix(self._cache, self._ids[: self._in_cache], tokens)
+        if n == 0 and self._in_cache > 0:  # nothing in common, or it cannot be trimmed
+            self._cache = self._new_cache()
         self._in_cache = n
         return n
 
-    def _forget_cache(self) -> None:
+    def _new_cache(self) -> list[Any]:
         o = self.options
-        self._cache = make_cache(
-            self.model, self.draft_model, o.max_kv_size, o.kv_bits, o.kv_group_size
-        )
+        return make_cache(self.model, self.draft_model, o.max_kv_size, o.kv_bits, o.kv_group_size)
+
+    def _forget_cache(self) -> None:
+        self._cache = self._new_cache()
         self._ids, self._text, self._in_cache = [], None, 0
 
     def _generate(self, turn: Turn) -> Iterator[GenerationResponse]:

@@ -7,7 +7,6 @@ option is an ``Annotated`` alias so its flag names and help text live in one pla
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,18 +14,12 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from mlx_openelm.generate_options import RepetitionScope
+from mlx_openelm.choices import DType, RepetitionScope
 
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-class DType(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
 
 
 # --- Options shared by several commands: defined once, defaults in one place. ---

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import (
+    Bits,
+    ChatTemplate,
+    CoreNetSize,
+    GroupSize,
+    MixedPreset,
+    SourceFormat,
+)
 from mlx_openelm.cli_common import (
     DTypeOpt,
     ForceOpt,
@@ -23,45 +30,6 @@ if TYPE_CHECKING:  # annotations only: the converter imports MLX
     from rich.progress import Progress
 
     from mlx_openelm.convert import ConvertProgress, ConvertResult
-
-
-class SourceFormat(str, Enum):
-    hf = "hf"
-    corenet = "corenet"
-
-
-class CoreNetSize(str, Enum):
-    s270M = "270M"
-    s450M = "450M"
-    s1_1B = "1_1B"
-    s3B = "3B"
-
-
-class Bits(str, Enum):
-    b2 = "2"
-    b3 = "3"
-    b4 = "4"
-    b6 = "6"
-    b8 = "8"
-
-
-class GroupSize(str, Enum):
-    g32 = "32"
-    g64 = "64"
-    g128 = "128"
-
-
-class MixedPreset(str, Enum):
-    mixed_2_6 = "mixed_2_6"
-    mixed_3_4 = "mixed_3_4"
-    mixed_3_6 = "mixed_3_6"
-    mixed_4_6 = "mixed_4_6"
-
-
-class ChatTemplate(str, Enum):
-    auto = "auto"
-    zephyr = "zephyr"
-    none = "none"
 
 
 _MIXED_HELP = (

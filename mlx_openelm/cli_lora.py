@@ -7,12 +7,12 @@ Registered on the app in ``cli.py``; the training defaults come from ``TrainConf
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import FineTuneType, LRSchedule, OptimizerName
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     FastBlasOpt,
@@ -31,24 +31,6 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 _SPEC, _TRAIN = AdapterSpec(), TrainConfig()  # the one place the fine-tuning defaults live
-
-
-class FineTuneType(str, Enum):
-    lora = "lora"
-    dora = "dora"
-    full = "full"
-
-
-class LRSchedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-    linear = "linear"
-
-
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
 
 
 def _lora_reporter(progress: Progress) -> Callable[[object], None]:
@@ -254,13 +236,36 @@ def lora(
     from mlx_openelm.lora import finetune
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    spec = AdapterSpec(fine_tune_type.value, rank, alpha, dropout, names, num_layers)
+    spec = AdapterSpec(
+        fine_tune_type=fine_tune_type.value,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=names,
+        num_layers=num_layers,
+    )
     config = TrainConfig(
-        iters, epochs, batch_size, grad_accum, learning_rate, lr_schedule.value, warmup,
-        optimizer.value, weight_decay, grad_clip, grad_checkpoint,
-        _TRAIN.seed if seed is None else seed, max_seq_len, pack, pack_length,
-        val_every, val_batches, save_every, keep_best, early_stop,
-    )  # fmt: skip
+        iters=iters,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        learning_rate=learning_rate,
+        lr_schedule=lr_schedule.value,
+        warmup=warmup,
+        optimizer=optimizer.value,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        grad_checkpoint=grad_checkpoint,
+        seed=_TRAIN.seed if seed is None else seed,
+        max_seq_len=max_seq_len,
+        pack=pack,
+        pack_length=pack_length,
+        val_every=val_every,
+        val_batches=val_batches,
+        save_every=save_every,
+        keep_best=keep_best,
+        early_stop=early_stop,
+    )
     columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), "{task.fields[stats]}")  # fmt: skip
     with LazyProgress(*columns, console=err) as progress:

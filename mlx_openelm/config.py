@@ -15,16 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from .choices import CoreNetSize
 from .errors import ConfigError
 
 MODEL_TYPE = "openelm"
 
 # (num_transformer_layers, model_dim, head_dim) of Apple's released sizes; all share the rest.
 PRESETS: dict[str, tuple[int, int, int]] = {
-    "270M": (16, 1280, 64),
-    "450M": (20, 1536, 64),
-    "1_1B": (28, 2048, 64),
-    "3B": (36, 3072, 128),
+    CoreNetSize.s270M.value: (16, 1280, 64),
+    CoreNetSize.s450M.value: (20, 1536, 64),
+    CoreNetSize.s1_1B.value: (28, 2048, 64),
+    CoreNetSize.s3B.value: (36, 3072, 128),
 }
 _PRESET_COMMON: dict[str, Any] = {
     "num_gqa_groups": 4,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -76,18 +77,26 @@ def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary name in the same folder, then rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write one file through ``write(tmp)``, a temporary path beside it, renamed over ``path``
+    only once ``write`` returns: a crash never leaves a partial ``path``.
+
+    ``tmp`` keeps ``path``'s suffix (``mx.save_safetensors`` and ``savefig`` go by it) and does
+    not exist yet, so the file gets the umask's mode, as a plain write would.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _array_bytes(a: mx.array) -> bytes:

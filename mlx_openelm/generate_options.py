@@ -15,9 +15,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
+from .choices import RepetitionScope, values
 from .errors import GenerationError
 
 __all__ = [
@@ -48,15 +48,7 @@ KV_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_LOOKUP_NGRAM = 2  # Hugging Face's default max_matching_ngram_size
 MAX_LOOKUP_TOKENS = 64  # more candidates than this cost a long verification for nothing
 
-
-class RepetitionScope(str, Enum):
-    """Which tokens the repetition penalty counts."""
-
-    context = "context"  # Hugging Face / Apple: every token of the prompt and the reply
-    window = "window"  # mlx-lm: the last repetition_context_size tokens
-
-
-REPETITION_SCOPES = tuple(s.value for s in RepetitionScope)
+REPETITION_SCOPES = values(RepetitionScope)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts biases in [-100, 100]
 
 # The CLI flag of each option, for error messages.

@@ -61,6 +61,16 @@ ZEPHYR_CHAT_TEMPLATE = (
 )
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Tokenizer:
     """A SentencePiece tokenizer with Hugging Face ``LlamaTokenizer`` (legacy) semantics.
 

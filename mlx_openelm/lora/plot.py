@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..folder import atomic_write
 from .metrics import read_metrics
 
 WIDTH, HEIGHT = 720, 420
@@ -46,9 +47,7 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(png))
 
 
 def _text(img: np.ndarray, x: int, y: int, text: str, rgb=AXIS_RGB) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,14 @@ from .checkpoint import check_adapter_folder
 from .compute import evaluate
 from .config import Callback, EvalReport, TrainConfig, TrainResult
 from .data import load_datasets
+from .metrics import perplexity
 from .plot import plot_metrics
 from .trainer import train
 
 _SHAPE_FIELDS = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataReport:
     """Sent before training: what each split holds (examples, tokens, truncated, dropped)."""
 
@@ -74,7 +74,7 @@ def finetune(
     )
     if callback is not None and mx.distributed.init().rank() == 0:
         splits = {"train": datasets.train, "valid": datasets.valid, "test": datasets.test}
-        callback(DataReport({k: d.summary() for k, d in splits.items() if d is not None}))
+        callback(DataReport(splits={k: d.summary() for k, d in splits.items() if d is not None}))
     info = base_model_info(folder, load_config(folder))
     result = train(
         net, datasets.train, datasets.valid, spec, config, adapter_path, info, resume, force,
@@ -83,10 +83,14 @@ def finetune(
     if datasets.test is not None:
         pack, capacity = result.extra["pack"], result.extra["capacity"]
         loss, tokens = evaluate(net, datasets.test, config.batch_size, capacity, pack)
-        ppl = math.exp(min(loss, 700.0))
+        ppl = perplexity(loss)
         result.extra.update(test_loss=loss, test_ppl=ppl)
         if callback is not None and mx.distributed.init().rank() == 0:
-            callback(EvalReport(result.steps, "test", loss, ppl, tokens))
+            callback(
+                EvalReport(
+                    step=result.steps, split="test", loss=loss, perplexity=ppl, tokens=tokens
+                )
+            )
     if plot and mx.distributed.init().rank() == 0:
         out = Path(adapter_path) / "loss.png"
         result.extra["plot"] = plot_metrics(Path(adapter_path) / "metrics.jsonl", out)

@@ -38,7 +38,7 @@ class Piece:
     logprob: TokenLogprob | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Finished:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
@@ -54,7 +54,7 @@ class Failed:
 Event = Piece | Finished | Failed
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """A prompt to complete with ``options`` (their ``max_tokens`` already fits the context)."""
 
@@ -170,8 +170,13 @@ class Engine:
                 job.sink(Piece(r.text, self._logprob(r, job.top_logprobs)))
                 if r.finish_reason is not None:
                     self.stats.completed += 1
-                    usage = (len(job.ids), reused, r.generation_tokens)
-                    job.sink(Finished(r.finish_reason, *usage))
+                    finished = Finished(
+                        finish_reason=r.finish_reason,
+                        prompt_tokens=len(job.ids),
+                        cached_tokens=reused,
+                        completion_tokens=r.generation_tokens,
+                    )
+                    job.sink(finished)
         finally:
             responses.close()
             self.prefix_cache.put(cache, held)
