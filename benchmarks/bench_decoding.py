@@ -16,7 +16,8 @@ mlx-lm's tokens exactly. Runs alternate their order round by round after a warm-
 gives, per runner, the best tokens/s of the rounds on the wall clock (from the call to the last
 token, prompt included: the same prompt for every runner; on a machine shared with other jobs
 the best round is the one least disturbed, medians swing 3x there), its ratio to mlx-lm's best,
-the ratio of median CPU seconds (``time.process_time``, which other processes barely move),
+the CPU-time speedup (mlx-lm's median CPU seconds, ``time.process_time``, over the runner's:
+other processes barely move it),
 tokens per forward pass (``generated / (generated - accepted)``) and the share of proposed
 candidates accepted.
 
@@ -140,7 +141,7 @@ def table(name: str, result: dict, tokens: int) -> str:
     lines = [
         f"**{name}** ({tokens} tokens per run)",
         "",
-        "| prompt | runner | best tok/s | vs mlx-lm | CPU time vs mlx-lm | tokens/pass | "
+        "| prompt | runner | best tok/s | vs mlx-lm | CPU-time speedup | tokens/pass | "
         "accepted | same tokens |",
         "|---|---|---:|---:|---:|---:|---:|:---:|",
     ]
