@@ -326,9 +326,11 @@ def serve(
     """
     import logging
 
-    generation, explicit = cli_generate.options_from_flags(locals(), ctx)
+    flags = dict(locals())
+    generation = cli_generate.options_from_flags(flags)
+    explicit = cli_generate.explicit_flags(ctx, flags)
     settings = ServerSettings(
-        api_key=api_key, generation=generation, max_queue=max_queue, explicit=frozenset(explicit)
+        api_key=api_key, generation=generation, max_queue=max_queue, explicit=explicit
     )
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing

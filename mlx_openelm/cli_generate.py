@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -70,21 +73,81 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def options_from_flags(
-    flags: dict[str, object], ctx: typer.Context
-) -> tuple[GenerationOptions, set[str]]:
-    """The generation options among a command's parameters (named like the fields), checked
-    before a model loads so that a bad value fails at once, and the names the user set."""
-    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: Typer ships its own copy of click
-    explicit = {n for n in flags if getattr(ctx.get_parameter_source(n), "name", "") in given}
-    values = {k: v for k, v in flags.items() if not (k == "repetition_scope" and v is None)}
-    values["logit_bias"] = _logit_bias(flags.get("logit_bias") or [])
+# The generation flags, once: (GenerationOptions field, option type, default). A new option is
+# one row here (and its field in mlx_openelm/generate_options.py); generate and chat both get it.
+GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
+    ("max_tokens", MaxTokensOpt, DEFAULT_MAX_TOKENS),
+    ("temp", TempOpt, DEFAULT_TEMP),
+    ("top_p", TopPOpt, DEFAULT_TOP_P),
+    ("top_k", TopKOpt, DEFAULT_TOP_K),
+    ("min_p", MinPOpt, DEFAULT_MIN_P),
+    ("repetition_penalty", RepPenaltyOpt, None),
+    ("repetition_scope", RepScopeOpt, None),
+    ("repetition_context_size", RepContextOpt, DEFAULT_REPETITION_CONTEXT),
+    ("presence_penalty", PresenceOpt, 0.0),
+    ("frequency_penalty", FrequencyOpt, 0.0),
+    ("logit_bias", LogitBiasOpt, None),
+    ("prompt_lookup_num_tokens", PromptLookupOpt, None),
+    ("prompt_lookup_max_ngram", LookupNgramOpt, DEFAULT_LOOKUP_NGRAM),
+    ("seed", SeedOpt, None),
+    ("stop", StopOpt, None),
+    ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),
+    ("max_kv_size", MaxKVOpt, None),
+    ("kv_bits", KVBitsOpt, None),
+]
+
+
+def with_generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the generation flags in place of its ``options`` parameter.
+
+    Typer reads the new signature; the command receives one :class:`GenerationOptions`, checked
+    before anything loads so that a bad value fails at once, and ``explicit``: the names of the
+    flags the user gave (the model's defaults never replace those).
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    flags = [inspect.Parameter(n, kind, default=d, annotation=t) for n, t, d in GENERATION_FLAGS]
+    params = [inspect.Parameter("typer_context", kind, annotation=typer.Context)]
+    for p in signature.parameters.values():
+        if p.name != "explicit":
+            params.extend(flags if p.name == "options" else [p])
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        ctx = kwargs.pop("typer_context")
+        values = {name: kwargs.pop(name) for name, _, _ in GENERATION_FLAGS}
+        options = options_from_flags(values, draft=bool(kwargs.get("draft_model")))
+        return command(**kwargs, options=options, explicit=explicit_flags(ctx, values))
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+def options_from_flags(values: dict[str, Any], draft: bool = False) -> GenerationOptions:
+    """The generation options among a command's parameters (named like the fields), checked:
+    ``--logit-bias ID=BIAS`` parsed, ``--prompt-lookup 0`` as off.
+
+    Raises:
+        GenerationError: a value out of range, or prompt lookup with a draft model (``draft``).
+    """
+    fields = {f.name for f in dataclasses.fields(GenerationOptions)}
+    values = {k: v for k, v in values.items() if k in fields}  # not e.g. serve's --port
+    if values.get("repetition_scope") is None:
+        values.pop("repetition_scope", None)
+    values["logit_bias"] = _logit_bias(values.get("logit_bias") or [])
     if values.get("prompt_lookup_num_tokens") == 0:  # 0: off, even where a model turns it on
         values["prompt_lookup_num_tokens"] = None
-    options = GenerationOptions.from_mapping(values).validate()
-    if flags.get("draft_model") and options.prompt_lookup_num_tokens is not None:
+    options = GenerationOptions(**values).validate()
+    if draft and options.prompt_lookup_num_tokens is not None:
         options.check_with_draft()  # both set: says to pick one
-    return options, explicit
+    return options
+
+
+def explicit_flags(ctx: typer.Context, names: Iterable[str]) -> frozenset[str]:
+    """The parameters among ``names`` that the user gave (command line or environment)."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: Typer ships its own copy of click
+    return frozenset(n for n in names if getattr(ctx.get_parameter_source(n), "name", "") in given)
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
@@ -106,7 +169,7 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
 
 
 def _with_model_defaults(
-    options: GenerationOptions, explicit: set[str], model: str, instruct: bool, draft: bool
+    options: GenerationOptions, explicit: frozenset[str], model: str, instruct: bool, draft: bool
 ) -> GenerationOptions:
     """The options over the model's defaults (generation_config.json; Apple's for Instruct)."""
     from mlx_openelm.decoding_defaults import with_model_defaults
@@ -134,40 +197,23 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+@with_generation_options
 def generate(
-    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     prompt: PromptOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_scope: RepScopeOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    presence_penalty: PresenceOpt = 0.0,
-    frequency_penalty: FrequencyOpt = 0.0,
-    logit_bias: LogitBiasOpt = None,
-    prompt_lookup_num_tokens: PromptLookupOpt = None,
-    prompt_lookup_max_ngram: LookupNgramOpt = DEFAULT_LOOKUP_NGRAM,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
+    explicit: frozenset[str] = frozenset(),
 ) -> None:
     """Generate text for a prompt, streamed to stdout; speed and memory go to stderr.
 
     Defaults come from the model's generation_config.json when it has sampling fields (not
     with --raw); otherwise greedy, no penalty, no prompt lookup.
     """
-    options, explicit = options_from_flags(locals(), ctx)
     from mlx_openelm.errors import GenerationError
     from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
     from mlx_openelm.generate import stream_generate as stream
@@ -216,38 +262,21 @@ class _TerminalIO:
         err.print(text, markup=False)
 
 
+@with_generation_options
 def chat(
-    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_scope: RepScopeOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    presence_penalty: PresenceOpt = 0.0,
-    frequency_penalty: FrequencyOpt = 0.0,
-    logit_bias: LogitBiasOpt = None,
-    prompt_lookup_num_tokens: PromptLookupOpt = None,
-    prompt_lookup_max_ngram: LookupNgramOpt = DEFAULT_LOOKUP_NGRAM,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft_tokens: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
+    explicit: frozenset[str] = frozenset(),
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands.
 
     Instruct models get Apple's decoding unless set: --repetition-penalty 1.2 over the whole
     context and --prompt-lookup 10; the model's generation_config.json fields come first.
     """
-    options, explicit = options_from_flags(locals(), ctx)
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation

@@ -237,35 +237,18 @@ def lora(
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
     spec = AdapterSpec(
-        fine_tune_type=fine_tune_type.value,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        targets=names,
-        num_layers=num_layers,
-    )
+        fine_tune_type=fine_tune_type.value, rank=rank, alpha=alpha, dropout=dropout,
+        targets=names, num_layers=num_layers,
+    )  # fmt: skip
     config = TrainConfig(
-        iters=iters,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        learning_rate=learning_rate,
-        lr_schedule=lr_schedule.value,
-        warmup=warmup,
-        optimizer=optimizer.value,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        grad_checkpoint=grad_checkpoint,
-        seed=_TRAIN.seed if seed is None else seed,
-        max_seq_len=max_seq_len,
-        pack=pack,
-        pack_length=pack_length,
-        val_every=val_every,
-        val_batches=val_batches,
-        save_every=save_every,
-        keep_best=keep_best,
+        iters=iters, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        learning_rate=learning_rate, lr_schedule=lr_schedule.value, warmup=warmup,
+        optimizer=optimizer.value, weight_decay=weight_decay, grad_clip=grad_clip,
+        grad_checkpoint=grad_checkpoint, seed=_TRAIN.seed if seed is None else seed,
+        max_seq_len=max_seq_len, pack=pack, pack_length=pack_length, val_every=val_every,
+        val_batches=val_batches, save_every=save_every, keep_best=keep_best,
         early_stop=early_stop,
-    )
+    )  # fmt: skip
     columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), "{task.fields[stats]}")  # fmt: skip
     with LazyProgress(*columns, console=err) as progress:

@@ -55,3 +55,7 @@ class TrainingError(OpenELMError):
 
 class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""
+
+
+class MissingDependencyError(OpenELMError):
+    """An optional extra a command needs is not installed (the message says how to add it)."""

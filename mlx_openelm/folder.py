@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -26,24 +27,47 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, WeightsError
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_NAME = "model.safetensors.index.json"
 
-_ST_DTYPES = {
-    mx.float32: "F32",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.uint32: "U32",
-    mx.int32: "I32",
-    mx.uint8: "U8",
-    mx.int8: "I8",
-    mx.int64: "I64",
-    mx.uint16: "U16",
-    mx.int16: "I16",
-    mx.bool_: "BOOL",
-}
+# The one safetensors dtype table: tag -> (dtype name, NumPy type of the stored bytes); bfloat16
+# is moved as raw 16-bit patterns (NumPy has no bfloat16). The converter reads with it, this
+# writer writes with it.
+SAFETENSORS_DTYPES: dict[str, tuple[str, str]] = {
+    "F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
+    "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
+    "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U32": ("uint32", "<u4"),
+    "U16": ("uint16", "<u2"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?"),
+}  # fmt: skip
+_TAG_OF = {name: tag for tag, (name, _) in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_tag(dtype: mx.Dtype) -> str:
+    """The safetensors dtype tag of an MLX dtype (``mx.bfloat16`` -> ``"BF16"``)."""
+    return _TAG_OF[str(dtype).rsplit(".", 1)[-1]]
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file.
+
+    Raises:
+        WeightsError: a truncated or corrupt header, naming the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError(f"header length {n} is implausible")
+            raw = f.read(n)
+        if len(raw) != n:
+            raise ValueError("file ends inside the header")
+        return json.loads(raw)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(
+            f"{path} is not a valid safetensors file ({e}); download or convert it again"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -122,7 +146,7 @@ class _Shard:
     def add(self, name: str, a: mx.array) -> int:
         data = _array_bytes(a)
         self.header[name] = {
-            "dtype": _ST_DTYPES[a.dtype],
+            "dtype": safetensors_tag(a.dtype),
             "shape": list(a.shape),
             "data_offsets": [self.size, self.size + len(data)],
         }

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from .config import ModelArgs
-from .errors import WeightsError
+from .folder import safetensors_header
 from .loading import load_config, resolve_model_path
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file.
-
-    Raises:
-        WeightsError: a truncated or corrupt header, naming the file.
-    """
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 2**20:
-                raise ValueError(f"header length {n} is implausible")
-            raw = f.read(n)
-        if len(raw) != n:
-            raise ValueError("file ends inside the header")
-        return json.loads(raw)
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(
-            f"{path} is not a valid safetensors file ({e}); download or convert it again"
-        ) from e
 
 
 def describe_model(model: str | Path) -> dict[str, Any]:

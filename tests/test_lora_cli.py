@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -100,6 +101,22 @@ def test_plot_command(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_png(tmp_path / "c.png")[:2] == (720, 420)
     one_error_line(runner.invoke(app, ["plot", str(tmp_path)]))
+
+
+def test_plot_without_matplotlib_is_one_line(
+    trained, data_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if the [plot] extra were not installed
+    install = 'needs the plot extra (matplotlib is not installed): pip install -e ".[plot]"'
+    one_error_line(
+        runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path / "c.png")]), install
+    )
+    assert not (tmp_path / "c.png").exists()
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "-o", str(run), "--plot"]
+    one_error_line(lora(tiny_model_dir, *args), install)  # before training, not after it
+    assert not run.exists()
 
 
 def test_fuse_and_peft_commands(tiny_model_dir, trained, tmp_path):

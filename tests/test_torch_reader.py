@@ -139,7 +139,7 @@ def test_shared_storage_reads_only_each_tensors_bytes(
     path = tf.save(OrderedDict(first=first, second=second), tmp_path / "shared.pt")
 
     reads: list[tuple[str, int, int]] = []
-    archive_class = torch_reader._Archive
+    archive_class = torch_reader.Archive
     original = archive_class.read_range
 
     def recording(self: object, name: str, start: int, length: int) -> np.ndarray:

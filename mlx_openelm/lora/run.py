@@ -14,7 +14,7 @@ from .compute import evaluate
 from .config import Callback, EvalReport, TrainConfig, TrainResult
 from .data import load_datasets
 from .metrics import perplexity
-from .plot import plot_metrics
+from .plot import plot_metrics, require_matplotlib
 from .trainer import train
 
 _SHAPE_FIELDS = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
@@ -61,12 +61,15 @@ def finetune(
 
     Raises:
         DataError, ConfigError, ModelNotFoundError, OutputExistsError: before anything is written.
+        MissingDependencyError: ``plot`` without matplotlib (also before anything is written).
         TrainingError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     from ..loading import load, load_config, resolve_model_path
 
     spec, config = spec or AdapterSpec(), config or TrainConfig()
     check_adapter_folder(Path(adapter_path), resume, force)  # fail before the slow part
+    if plot:
+        require_matplotlib()
     folder = resolve_model_path(model)
     net, tok = load(folder, tokenizer=tokenizer)
     datasets = load_datasets(

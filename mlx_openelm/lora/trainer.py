@@ -311,17 +311,11 @@ class Trainer:
     def _loop(self) -> TrainResult:
         grads_fn, update_fn = self._compile()
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
-        self._report(
-            StartReport(
-                total_steps=self.total,
-                start_step=self.step,
-                steps_per_epoch=self.steps_per_epoch,
-                rows=len(self.rows),
-                trainable_parameters=trainable,
-                world_size=self.size,
-                row_length=self.cfg.pack_length if self.cfg.pack else None,
-            )
-        )
+        self._report(StartReport(
+            total_steps=self.total, start_step=self.step, steps_per_epoch=self.steps_per_epoch,
+            rows=len(self.rows), trainable_parameters=trainable, world_size=self.size,
+            row_length=self.cfg.pack_length if self.cfg.pack else None,
+        ))  # fmt: skip
         extra = {"pack": self.cfg.pack, "capacity": self.capacity, "rank": self.rank}
         result = TrainResult(adapter_path=self.path, steps=self.total, extra=extra)
         self.model.train()
@@ -359,20 +353,11 @@ class Trainer:
             "tokens": tokens, "tokens_per_second": tokens / dt, "peak_memory_gb": peak,
         })  # fmt: skip
         eta = elapsed / done * (self.total - self.step)
-        self._report(
-            StepReport(
-                step=self.step,
-                total_steps=self.total,
-                epoch=epoch,
-                loss=loss,
-                learning_rate=lr,
-                tokens=tokens,
-                tokens_per_second=tokens / dt,
-                peak_memory_gb=peak,
-                elapsed_s=elapsed,
-                eta_s=eta,
-            )
-        )
+        self._report(StepReport(
+            step=self.step, total_steps=self.total, epoch=epoch, loss=loss, learning_rate=lr,
+            tokens=tokens, tokens_per_second=tokens / dt, peak_memory_gb=peak, elapsed_s=elapsed,
+            eta_s=eta,
+        ))  # fmt: skip
 
     def _validate(self) -> tuple[float, bool]:
         """Validation loss now; keeps the best adapters; returns (loss, early-stop now)."""
@@ -390,16 +375,10 @@ class Trainer:
             self.evals_since_best += 1
         ppl = perplexity(loss)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": ppl})
-        self._report(
-            EvalReport(
-                step=self.step,
-                split="valid",
-                loss=loss,
-                perplexity=ppl,
-                tokens=tokens,
-                best=improved,
-            )
+        report = EvalReport(
+            step=self.step, split="valid", loss=loss, perplexity=ppl, tokens=tokens, best=improved
         )
+        self._report(report)
         return loss, bool(cfg.early_stop and self.evals_since_best >= cfg.early_stop)
 
     def _save(self) -> None:
