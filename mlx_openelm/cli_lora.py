@@ -101,18 +101,10 @@ def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | N
     """
     if value is None:
         return None
-    import yaml
-
     from mlx_openelm.errors import ConfigError
+    from mlx_openelm.jsonio import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"--config {value}: cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"--config {value}: not valid YAML{where}") from None
+    data = read_yaml(value, ConfigError, "fix the --config file")
     if not isinstance(data, dict):
         raise ConfigError(f"--config {value}: expected a mapping of flag names to values")
     flags = {p.name for p in ctx.command.params} - {param.name}

@@ -8,7 +8,6 @@ converted once into a local cache folder (``$MLX_OPENELM_HOME``, default
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mlx.utils import tree_flatten
 from . import fastmath
 from .config import ModelArgs
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
+from .jsonio import read_json
 from .model import Model
 
 _LIST_LIMIT = 12
@@ -78,10 +78,7 @@ def load_config(folder: Path) -> dict[str, Any]:
             f"{folder} is not a model folder: it has no config.json "
             "(convert a checkpoint first with `mlx-openelm convert`)"
         )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-create it or re-convert") from e
+    return read_json(path, ConfigError, "re-create it or re-convert")
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:

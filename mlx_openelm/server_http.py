@@ -7,7 +7,6 @@ auth, binding a socket, and running uvicorn in the foreground or on a background
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import socket
 import threading
@@ -15,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ServeError
+from .errors import DataError, ServeError
+from .jsonio import parse_json
 from .server_schema import DEFAULT_HOST, DEFAULT_PORT, APIError
 
 try:
@@ -56,12 +56,9 @@ async def json_body(request: Request) -> dict[str, Any]:
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
+        return parse_json(bytes(raw), "the request body", DataError, "send one JSON object", dict)
+    except DataError as e:
+        raise APIError(400, str(e)) from None
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -30,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlx_openelm.detokenizer import _SPECIAL, StreamingDetokenizer, _piece_table
 from mlx_openelm.errors import TokenizerError
+from mlx_openelm.jsonio import read_json
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -297,11 +298,8 @@ def _read_chat_template(folder: Path) -> str | None:
     config_file = folder / TOKENIZER_CONFIG_FILENAME
     if not config_file.is_file():
         return None
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{config_file} is not valid JSON ({exc}). Fix or delete it.") from exc
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    config = read_json(config_file, TokenizerError, "fix or delete it")
+    template = config.get("chat_template")
     if isinstance(template, list):  # Hugging Face's named templates: [{"name", "template"}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

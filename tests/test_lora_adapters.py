@@ -200,5 +200,5 @@ def test_unreadable_adapter_folders_are_adapter_errors(tiny_model_dir, lora_dir,
     with pytest.raises(AdapterError, match="lora_parameters needs 'rank' and 'scale'"):
         load(tiny_model_dir, adapter_path=broken)
     (broken / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterError, match="is not valid JSON"):
+    with pytest.raises(AdapterError, match="adapter_config.json: malformed JSON"):
         load(tiny_model_dir, adapter_path=broken)

@@ -164,10 +164,12 @@ def test_config_file_gives_defaults_and_flags_win(tiny_model_dir, data_dir, tmp_
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("batch_size: 2\nbogus: 1\n", "unknown key(s) bogus"),
-        ("batch_size: [\n", "not valid YAML at line 2"),
-        ("- 1\n- 2\n", "expected a mapping"),
-        (None, "cannot read it"),
+        ("batch_size: 2\nbogus: 1\n", "--config {}: unknown key(s) bogus"),
+        ("batch_size: [\n", "{}:2: not valid YAML"),
+        ("- 1\n- 2\n", "--config {}: expected a mapping"),
+        (None, "cannot read {}"),
+        ("iters: " + "9" * 5000 + "\n", "{}: bad JSON value"),
+        ("iters: " + "[" * 5000 + "]" * 5000 + "\n", "{}: "),
     ],
 )
 def test_bad_config_file(tiny_model_dir, data_dir, tmp_path, text, message):
@@ -177,7 +179,7 @@ def test_bad_config_file(tiny_model_dir, data_dir, tmp_path, text, message):
     out = tmp_path / "out"
     line = one_error_line(lora(tiny_model_dir, "--data", str(data_dir), "-o", str(out),
                                "--config", str(config)))  # fmt: skip
-    assert f"--config {config}: {message}" in line
+    assert message.format(config) in line
     assert not out.exists()
 
 

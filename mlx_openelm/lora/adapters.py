@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import AdapterError, ConfigError
+from ..jsonio import read_json
 from .config import FINE_TUNE_TYPES, AdapterSpec
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -161,10 +162,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
                 f"{folder} is not an adapter folder: {name} is missing "
                 "(train one with `mlx-openelm lora`)"
             )
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); re-train") from e
+    config = read_json(folder / CONFIG_FILE, AdapterError, "re-train the adapter")
     kind = config.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES or "num_layers" not in config:
         raise AdapterError(

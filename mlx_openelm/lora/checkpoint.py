@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, OutputExistsError
 from ..folder import atomic_output
+from ..jsonio import read_json
 from .adapters import ADAPTER_FILE, adapter_tensors
 
 CHECKPOINT_DIR = "checkpoint"
@@ -53,7 +54,7 @@ def load_checkpoint(adapter_dir: Path) -> tuple[dict[str, mx.array], dict, dict[
             f"--resume: {folder} holds no complete checkpoint; checkpoints are written every "
             "--save-every steps (start without --resume)"
         )
-    state = json.loads(files[2].read_text())
+    state = read_json(files[2], ConfigError, "start without --resume")
     opt_state = tree_unflatten(list(mx.load(str(files[1])).items()))
     return mx.load(str(files[0])), opt_state, state
 

@@ -6,18 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
 from ..folder import atomic_write_text
+from ..jsonio import read_jsonl
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every complete record of a metrics file (a torn last line from a crash is skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    records = read_jsonl(path, DataError, "delete the metrics file", skip_bad=True)
+    return [record for _, record in records]
 
 
 class MetricsLog:

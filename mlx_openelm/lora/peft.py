@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import AdapterError
 from ..folder import atomic_output
+from ..jsonio import read_json
 from .adapters import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -113,10 +114,7 @@ def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
             f"{folder}: {PEFT_WEIGHTS} is missing"
             + (pickle if (folder / "adapter_model.bin").is_file() else "")
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_file} is not valid JSON ({e})") from e
+    config = read_json(config_file, AdapterError, "re-save the adapter with PEFT")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise AdapterError(
             f"{config_file}: only PEFT LoRA adapters (peft_type LORA with r) can be imported"
