@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OutputExistsError
 from mlx_openelm.folder import write_model_folder
+from mlx_openelm.outputs import check_replaceable
 
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
 from .quality import QualityReport, quantization_quality
@@ -145,6 +146,8 @@ def convert(
         raise OutputExistsError(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
+    if output.exists():
+        check_replaceable(output)  # before the slow part; the writer checks again at the end
     out_dtype_name = _check_options(dtype, chat_template)
     plan_options = (bits, group_size, mixed) if (quantize or mixed) else None
     if plan_options:

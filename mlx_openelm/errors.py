@@ -61,6 +61,10 @@ class DiskFullError(OpenELMError):
     """The disk filled up while writing an output (nothing partial is left behind)."""
 
 
+class OpenELMWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it)."""
+
+
 def short(text: object, limit: int = 200) -> str:
     """``text`` (``str()`` of it) cut to about ``limit`` characters, keeping head and tail.
 

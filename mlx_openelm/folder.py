@@ -26,6 +26,13 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import OutputExistsError
+from .outputs import (
+    DISK_FULL,
+    check_replaceable,
+    disk_full_error,
+    remove_stale_temporaries,
+    rename_noreplace,
+)
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,30 +57,70 @@ def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it to ``output`` only on success.
 
     An exception or Ctrl-C removes the temporary folder and leaves any previous ``output`` alone;
-    even a hard kill leaves no ``output`` behind (only a hidden ``.name.tmp-*`` folder).
+    even a hard kill leaves no ``output`` behind (only a hidden ``.name.tmp-PID-*`` folder, which
+    the next write to the same ``output`` removes once its process is gone, with a warning).
+    ``force`` replaces only what was at ``output`` when writing began, and only a model or adapter
+    folder: an ``output`` that appears meanwhile is never replaced.
 
     Raises:
-        OutputExistsError: ``output`` exists and ``force`` is False.
+        OutputExistsError: ``output`` exists and ``force`` is False, is not ours to replace, or
+            appeared while writing.
+        DiskFullError: the disk filled up (the temporary folder is removed).
     """
     output = Path(output).absolute()
-    if output.exists() and not force:
-        raise OutputExistsError(
-            f"output {output} already exists; choose another path or pass --force to replace it"
-        )
+    before = _identity(output)
+    if before is not None:
+        if not force:
+            raise OutputExistsError(
+                f"output {output} already exists; choose another path or pass --force to replace it"
+            )
+        check_replaceable(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_temporaries(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         yield tmp
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
+        _move_into_place(tmp, output, before)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e, output) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells the folder at ``path`` from another one made there later (inodes are reused)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _move_into_place(tmp: Path, output: Path, before: tuple[int, int, int] | None) -> None:
+    """Rename ``tmp`` to ``output``, replacing only the ``output`` seen at the start."""
+    appeared = OutputExistsError(
+        f"output {output} appeared while it was being written; it was left alone and the new "
+        "result discarded: remove it or choose another path, then run again"
+    )
+    old = None
+    if before is not None:
+        if _identity(output) != before:
+            raise appeared
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    try:
+        rename_noreplace(tmp, output)
+    except FileExistsError:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                rename_noreplace(old, output.with_name(f"{output.name}.replaced-{os.getpid()}"))
+        raise appeared from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
