@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .config_check import _check_int, check_fields
 from .errors import ConfigError
 
 MODEL_TYPE = "openelm"
@@ -150,13 +151,8 @@ class ModelArgs:
         return cls.from_dict({**_PRESET_COMMON, **fields})
 
     def _derive_and_validate(self) -> None:
+        check_fields(self)
         n = self.num_transformer_layers
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"config field '{name}' must be a positive integer, got {value!r}"
-                )
         if not self.num_query_heads:
             qkv = _layerwise(self.qkv_multipliers, n, "qkv_multipliers")
             divisor = self.head_dim * self.num_gqa_groups
@@ -165,8 +161,10 @@ class ModelArgs:
         if not self.num_kv_heads:
             self.num_kv_heads = [q // self.num_gqa_groups for q in self.num_query_heads]
         self.ffn_multipliers = _layerwise(self.ffn_multipliers or (0.5, 4.0), n, "ffn_multipliers")
-        self.num_query_heads = [int(h) for h in self.num_query_heads]
-        self.num_kv_heads = [int(h) for h in self.num_kv_heads]
+        self.num_query_heads, self.num_kv_heads = (
+            list(self.num_query_heads),
+            list(self.num_kv_heads),
+        )
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
             got = len(getattr(self, name))
             if got != n:
@@ -174,6 +172,9 @@ class ModelArgs:
                     f"config field '{name}' has {got} entries but num_transformer_layers is {n}; "
                     "give one value per layer"
                 )
+        for name in ("num_query_heads", "num_kv_heads"):  # derived ones too
+            for i, h in enumerate(getattr(self, name)):
+                _check_int(f"{name}[{i}]", h, 1, 2**16)
         for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
             if q <= 0 or kv <= 0 or q % kv:
                 raise ConfigError(

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from . import fastmath
 from .config import ModelArgs
+from .config_check import check_fits_memory
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
 from .jsonio import read_json
 from .model import Model
@@ -165,6 +166,7 @@ def load_model(folder: str | Path, lazy: bool = False) -> tuple[Model, dict[str,
     folder = Path(folder)
     config = load_config(folder)
     args = ModelArgs.from_dict(config)
+    check_fits_memory(args, str(folder))
     fastmath.keep_freed_memory()
     model = Model(args)
     weights = model.sanitize(load_weights(folder))
