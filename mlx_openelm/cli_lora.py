@@ -259,11 +259,12 @@ def lora(
         )  # fmt: skip
     if result.extra.get("rank", 0):
         return  # data-parallel: rank 0 reports
-    best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
+    best = ""
+    if result.best_val_loss is not None and result.best_step is not None:
+        best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
     out.print(
         f"Trained {result.steps} steps ({result.tokens_per_second:,.0f} tok/s, "
-        f"{result.peak_memory_gb:.2f} GB peak){best if result.best_step is not None else ''}"
-        f"; adapters in {result.adapter_path}"
+        f"{result.peak_memory_gb:.2f} GB peak){best}; adapters in {result.adapter_path}"
     )
     if "plot" in result.extra:
         out.print(f"Loss curve: {result.extra['plot']}")

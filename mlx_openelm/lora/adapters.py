@@ -60,6 +60,46 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> l
     return [n for n in available if n in keys]  # one canonical order
 
 
+def check_adapter_size(model: nn.Module, spec: AdapterSpec) -> None:
+    """Refuse a LoRA rank beyond the adapted layers' widths or the machine's memory.
+
+    A rank above a layer's larger dimension gives an adapter bigger than the layer it adapts;
+    ``--rank 3000000`` would allocate tens of GB before failing, ``--rank 100000000`` crash.
+
+    Raises:
+        ConfigError: naming ``--rank``, the limit and why.
+    """
+    if spec.fine_tune_type == "full":
+        return
+    from ..config_check import physical_memory
+
+    num_layers = resolve_num_layers(model, spec.num_layers)
+    block = dict(model.layers[0].named_modules())
+    shapes = [_in_out(block[key]) for key in resolve_targets(model, spec.targets)]
+    widest = max(max(shape) for shape in shapes)
+    if spec.rank > widest:
+        raise ConfigError(
+            f"--rank {spec.rank} is larger than the widest adapted layer ({widest}); "
+            f"choose a rank up to {widest} (8-64 is usual)"
+        )
+    params = num_layers * spec.rank * sum(i + o for i, o in shapes)
+    need = params * 4 * 4  # float32 weights, gradients and two Adam moments
+    ram = physical_memory()
+    if ram is not None and need > ram // 2:
+        raise ConfigError(
+            f"--rank {spec.rank} makes {params:,} adapter parameters, about {need / 1e9:.1f} GB "
+            f"to train, more than half this machine's {ram / 1e9:.1f} GB; lower --rank"
+        )
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(input, output) width of a linear layer, quantized or not."""
+    out_dim, packed = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):
+        return packed * 32 // module.bits, out_dim
+    return packed, out_dim
+
+
 def resolve_num_layers(model: nn.Module, requested: int) -> int:
     """How many (last) layers ``requested`` means; -1 = all."""
     total = len(model.layers)
