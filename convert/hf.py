@@ -21,6 +21,9 @@ from .tensors import open_weight_files, read_index
 HF_RULES: list[Rule] = [
     (r".*\.inv_freq$", None),  # RoPE frequency tables: derived, recomputed by the model
     (r"^transformer\.causal_mask$", None),  # a derived mask buffer in some exports
+    # Apple's OpenELMModel keeps an untied `classifier` that OpenELMForCausalLM never applies (its
+    # forward uses `lm_head`), so save_pretrained of an untied model stores both.
+    (r"^transformer\.classifier\.weight$", None),
 ]
 
 # What a conversion needs from a hub repo (safetensors preferred; .bin only as a fallback).

@@ -27,13 +27,27 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "1_1B": (28, 2048, 64),
     "3B": (36, 3072, 128),
 }
+# What Apple's released sizes set beyond Apple's defaults (CoreNet's ``gpt_configs``).
 _PRESET_COMMON: dict[str, Any] = {
     "num_gqa_groups": 4,
     "qkv_multipliers": (0.5, 1.0),
     "ffn_multipliers": (0.5, 4.0),
     "ffn_dim_divisor": 256,
     "vocab_size": 32000,
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
 }
+
+# ``activation_fn_name`` values Apple's code accepts (transformers' ``ACT2FN``) that the model
+# computes exactly (``model.ACTIVATIONS``). ``prelu`` has a learned slope no checkpoint stores.
+ACTIVATION_NAMES = (
+    "swish", "silu", "gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate",
+    "gelu_pytorch_tanh", "gelu_10", "quick_gelu", "relu", "relu2", "relu6", "leaky_relu",
+    "sigmoid", "tanh", "mish", "laplace", "linear",
+)  # fmt: skip
+# Apple's Hugging Face code builds RMSNorm whatever this says; CoreNet's would build another norm
+# (with a bias the checkpoint would then hold), so any other value is refused rather than guessed.
+NORMALIZATION_NAMES = ("rms_norm",)
 _REQUIRED = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
 
 
@@ -65,7 +79,13 @@ def _layerwise(multipliers: Any, num_layers: int, name: str) -> list[float]:
 
 @dataclass
 class ModelArgs:
-    """OpenELM hyper-parameters with Apple's ``config.json`` field names."""
+    """OpenELM hyper-parameters with Apple's ``config.json`` field names and defaults.
+
+    A field a config leaves out takes the default of Apple's ``OpenELMConfig`` (the same as
+    CoreNet's ``GPTConfig``), so a config means what it means to Apple's code. Fields with no
+    effect on the numbers (``initializer_range``, ``use_cache``, ``torch_dtype``…) are ignored;
+    ``rope_max_length`` only sizes Apple's precomputed RoPE table, which grows on demand.
+    """
 
     num_transformer_layers: int
     model_dim: int
@@ -73,13 +93,15 @@ class ModelArgs:
     vocab_size: int = 32000
     num_query_heads: list[int] = field(default_factory=list)
     num_kv_heads: list[int] = field(default_factory=list)
-    ffn_multipliers: list[float] = field(default_factory=list)
-    qkv_multipliers: Any = (0.5, 1.0)
-    num_gqa_groups: int = 4
+    ffn_multipliers: Any = 4.0
+    qkv_multipliers: Any = 1.0
+    num_gqa_groups: int = 1
     ffn_dim_divisor: int = 256
     ffn_with_glu: bool = True
-    normalize_qk_projections: bool = True
-    share_input_output_layers: bool = True
+    activation_fn_name: str = "swish"
+    normalization_layer_name: str = "rms_norm"
+    normalize_qk_projections: bool = False
+    share_input_output_layers: bool = False
     rms_norm_eps: float = 1e-6
     rope_freq_constant: float = 10000.0
     rope_max_length: int = 4096
@@ -93,8 +115,9 @@ class ModelArgs:
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
         """Build from an HF-style ``config.json`` dict; unknown keys are ignored.
 
-        Per-layer lists (``num_query_heads``, ``num_kv_heads``, ``ffn_multipliers``) are used when
-        present and derived from the multipliers otherwise.
+        Head counts are derived from ``qkv_multipliers`` as Apple's code derives them (it ignores
+        stored ``num_query_heads``/``num_kv_heads``); stored lists that disagree are refused, and
+        used as they are only when the config has no ``qkv_multipliers`` (mlx-lm style folders).
 
         Raises:
             ConfigError: unknown ``model_type``, a missing required field, or inconsistent lists.
@@ -116,7 +139,7 @@ class ModelArgs:
         if isinstance(kwargs.get("quantization"), dict):
             kwargs["quantization"] = dict(kwargs["quantization"])  # never share the caller's dict
         args = cls(**kwargs)
-        args._derive_and_validate()
+        args._derive_and_validate(qkv_given="qkv_multipliers" in params)
         return args
 
     @classmethod
@@ -148,23 +171,16 @@ class ModelArgs:
         name = section.get("model_name")
         if name:
             return cls.from_preset(str(name), **fields)
-        return cls.from_dict({**_PRESET_COMMON, **fields})
+        return cls.from_dict({"vocab_size": 32000, **fields})  # GPTConfig's defaults for the rest
 
-    def _derive_and_validate(self) -> None:
+    def _derive_and_validate(self, qkv_given: bool = True) -> None:
         check_fields(self)
         n = self.num_transformer_layers
-        if not self.num_query_heads:
-            qkv = _layerwise(self.qkv_multipliers, n, "qkv_multipliers")
-            divisor = self.head_dim * self.num_gqa_groups
-            q_dims = [make_divisible(self.model_dim * m, divisor=divisor) for m in qkv]
-            self.num_query_heads = [d // self.head_dim for d in q_dims]
-        if not self.num_kv_heads:
-            self.num_kv_heads = [q // self.num_gqa_groups for q in self.num_query_heads]
-        self.ffn_multipliers = _layerwise(self.ffn_multipliers or (0.5, 4.0), n, "ffn_multipliers")
-        self.num_query_heads, self.num_kv_heads = (
-            list(self.num_query_heads),
-            list(self.num_kv_heads),
-        )
+        self._check_names()
+        self._derive_heads(qkv_given)
+        self.ffn_multipliers = _layerwise(self.ffn_multipliers, n, "ffn_multipliers")
+        self.num_query_heads = [int(h) for h in self.num_query_heads]
+        self.num_kv_heads = [int(h) for h in self.num_kv_heads]
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
             got = len(getattr(self, name))
             if got != n:
@@ -180,6 +196,38 @@ class ModelArgs:
                 raise ConfigError(
                     f"layer {i}: num_query_heads={q} must be a positive multiple of "
                     f"num_kv_heads={kv} (grouped-query attention)"
+                )
+
+    def _check_names(self) -> None:
+        for name, allowed in (
+            ("activation_fn_name", ACTIVATION_NAMES),
+            ("normalization_layer_name", NORMALIZATION_NAMES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"config field '{name}' is {value!r}, which this tool cannot compute exactly; "
+                    f"supported: {', '.join(allowed)}"
+                )
+
+    def _derive_heads(self, qkv_given: bool) -> None:
+        """Per-layer head counts, as Apple's ``OpenELMConfig.__post_init__`` computes them."""
+        stored_q, stored_kv = list(self.num_query_heads), list(self.num_kv_heads)
+        if stored_q and not qkv_given:  # mlx-lm style: lists only, no multipliers
+            self.num_kv_heads = stored_kv or [q // self.num_gqa_groups for q in stored_q]
+            return
+        qkv = _layerwise(self.qkv_multipliers, self.num_transformer_layers, "qkv_multipliers")
+        divisor = self.head_dim * self.num_gqa_groups
+        q_dims = [make_divisible(self.model_dim * m, divisor=divisor) for m in qkv]
+        self.num_query_heads = [d // self.head_dim for d in q_dims]
+        self.num_kv_heads = [q // self.num_gqa_groups for q in self.num_query_heads]
+        for name, stored in (("num_query_heads", stored_q), ("num_kv_heads", stored_kv)):
+            derived = getattr(self, name)
+            if stored and [int(v) for v in stored] != derived:
+                raise ConfigError(
+                    f"config field '{name}' is {stored} but qkv_multipliers="
+                    f"{self.qkv_multipliers!r} and num_gqa_groups={self.num_gqa_groups} give "
+                    f"{derived} (Apple's code uses the latter); fix or remove '{name}'"
                 )
 
     @property

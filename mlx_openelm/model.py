@@ -17,6 +17,8 @@ which is also what ``mlx_lm.models.openelm`` expects, so a folder loads in eithe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -26,7 +28,41 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from . import fastmath
 from .config import ModelArgs
 
-__all__ = ["Model", "ModelArgs"]
+__all__ = ["ACTIVATIONS", "Model", "ModelArgs"]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + mx.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+
+
+def _gelu_erf(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + mx.erf(x / math.sqrt(2.0)))
+
+
+# transformers' ACT2FN, which Apple's code indexes with ``activation_fn_name``, formula for formula.
+ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "swish": fastmath.silu,
+    "silu": fastmath.silu,
+    "gelu": _gelu_erf,
+    "gelu_python": _gelu_erf,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + mx.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_10": lambda x: mx.clip(_gelu_erf(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "relu2": lambda x: mx.square(nn.relu(x)),
+    "relu6": lambda x: mx.clip(x, 0.0, 6.0),
+    "leaky_relu": lambda x: mx.where(x >= 0, x, 0.01 * x),
+    "sigmoid": mx.sigmoid,
+    "tanh": mx.tanh,
+    "mish": lambda x: x * mx.tanh(nn.softplus(x)),
+    "laplace": lambda x: 0.5 * (1.0 + mx.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "linear": lambda x: x,
+}
 
 
 class Attention(nn.Module):
@@ -76,15 +112,19 @@ class MLP(nn.Module):
         super().__init__()
         hidden = args.ffn_dims[layer]
         self.glu = args.ffn_with_glu
+        self.swish = args.activation_fn_name in ("swish", "silu")
+        self._act = ACTIVATIONS[args.activation_fn_name]
         self.proj_1 = nn.Linear(args.model_dim, (2 if self.glu else 1) * hidden, bias=False)
         self.proj_2 = nn.Linear(hidden, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.proj_1(x)  # (B, L, 2·hidden): [gate | up]
-        if self.glu:
-            gate, up = mx.split(h, 2, axis=-1)  # (B, L, hidden) each
+        h = self.proj_1(x)  # (B, L, 2·hidden): [gate | up], or (B, L, hidden) without GLU
+        if not self.glu:
+            return self.proj_2(self._act(h))
+        gate, up = mx.split(h, 2, axis=-1)  # (B, L, hidden) each
+        if self.swish:
             return self.proj_2(fastmath.swiglu(gate, up))  # silu(gate)·up, one compiled kernel
-        return self.proj_2(fastmath.silu(h))
+        return self.proj_2(self._act(gate) * up)
 
 
 class TransformerBlock(nn.Module):

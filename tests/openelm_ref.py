@@ -7,6 +7,8 @@ Head counts are read off the weight shapes, so the reference shares nothing with
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -29,14 +31,55 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+# The formulas of transformers' ACT2FN (transformers/activations.py), in float64.
+ACTIVATIONS = {
+    "swish": silu,
+    "silu": silu,
+    "gelu": _gelu,
+    "gelu_python": _gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + np.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_10": lambda x: np.clip(_gelu(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "relu2": lambda x: np.maximum(x, 0.0) ** 2,
+    "relu6": lambda x: np.minimum(np.maximum(x, 0.0), 6.0),
+    "leaky_relu": lambda x: np.where(x >= 0, x, 0.01 * x),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+    "mish": lambda x: x * np.tanh(np.log1p(np.exp(x))),
+    "laplace": lambda x: 0.5 * (1.0 + _erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "linear": lambda x: x,
+}
+
+
 def forward(
     weights: dict[str, np.ndarray],
     tokens: list[int],
     head_dim: int,
     eps: float = 1e-6,
     rope_base: float = 10000.0,
+    activation: str = "swish",
 ) -> np.ndarray:
-    """Logits (L, vocab) in float64 for one sequence."""
+    """Logits (L, vocab) in float64 for one sequence.
+
+    ``activation`` names the FFN non-linearity; whether the FFN is gated (GLU) is read off the
+    shapes (``proj_1`` twice as tall as ``proj_2`` is wide).
+    """
+    act = ACTIVATIONS[activation]
     w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     emb = w["transformer.token_embeddings.weight"]
     h = emb[np.asarray(tokens)]  # (L, D)
@@ -69,8 +112,12 @@ def forward(
         h = h + out.transpose(1, 0, 2).reshape(L, n_q * head_dim) @ w[p + "attn.out_proj.weight"].T
         x = rms_norm(h, w[p + "ffn_norm.weight"], eps)
         y = x @ w[p + "ffn.proj_1.weight"].T
-        gate, up = np.split(y, 2, axis=-1)
-        h = h + (silu(gate) * up) @ w[p + "ffn.proj_2.weight"].T
+        if y.shape[-1] == 2 * w[p + "ffn.proj_2.weight"].shape[1]:  # GLU: [gate | up]
+            gate, up = np.split(y, 2, axis=-1)
+            y = act(gate) * up
+        else:
+            y = act(y)
+        h = h + y @ w[p + "ffn.proj_2.weight"].T
         i += 1
     h = rms_norm(h, w["transformer.norm.weight"], eps)
     head = w.get("lm_head.weight", emb)

@@ -106,6 +106,8 @@ def test_apple_style_config_json_with_lists():
         ],
         "num_query_heads": [12] * 5 + [16] * 7 + [20] * 4,
         "num_kv_heads": [3] * 5 + [4] * 7 + [5] * 4,
+        "normalize_qk_projections": True,
+        "share_input_output_layers": True,
         "torch_dtype": "float32",
         "auto_map": {"AutoConfig": "configuration_openelm.OpenELMConfig"},
     }
@@ -195,19 +197,24 @@ def test_corenet_yaml_sections(size):
 
 
 def test_corenet_explicit_fields():
-    args = ModelArgs.from_corenet(
-        {
-            "num_transformer_layers": 4,
-            "model_dim": 64,
-            "head_dim": 16,
-            "num_gqa_groups": 2,
-            "ffn_dim_divisor": 32,
-            "vocab_size": 32128,
-            "padding_index": 32000,
-        }
-    )
+    section = {
+        "num_transformer_layers": 4,
+        "model_dim": 64,
+        "head_dim": 16,
+        "num_gqa_groups": 2,
+        "ffn_dim_divisor": 32,
+        "vocab_size": 32128,
+        "padding_index": 32000,
+    }
+    args = ModelArgs.from_corenet(section)
     assert args.vocab_size == 32000
-    assert args.num_query_heads == [2, 4, 4, 4]  # 64·0.67 → 32 is < 90%: 64
+    # Fields left out take CoreNet's GPTConfig defaults: qkv_multipliers=1.0 (uniform heads),
+    # ffn_multipliers=4.0, no q/k norm, untied head.
+    assert args.num_query_heads == [4, 4, 4, 4] and args.num_kv_heads == [2, 2, 2, 2]
+    assert args.ffn_dims == [256] * 4
+    assert not args.normalize_qk_projections and not args.share_input_output_layers
+    scaled = ModelArgs.from_corenet({**section, "qkv_multipliers": [0.5, 1.0]})
+    assert scaled.num_query_heads == [2, 4, 4, 4]  # 64·0.67 → 32 is < 90%: 64
 
 
 def test_a_config_bigger_than_memory_is_refused_before_allocation(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from mlx_openelm.cli import app
 
 import torchfmt
+from signals import popen_interruptible
 from tiny import random_weights, tiny_config
 
 runner = CliRunner()
@@ -201,7 +202,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, tiny_spm, tiny, sig):
     src = write_hf_safetensors(tmp_path / "src", *tiny)
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", _SLOW_CONVERT, str(src), str(out), str(tiny_spm)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_interruptible(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(3):  # a few tensors in: the temporary folder exists and holds data
         assert proc.stdout.readline().strip() == "tensor", proc.stderr.read()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

@@ -38,6 +38,7 @@ from mlx_openelm.loading import load  # noqa: E402
 from mlx_openelm.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
 
 from openelm_ref import forward, log_softmax  # noqa: E402
+from signals import popen_interruptible  # noqa: E402
 from tiny import random_weights, tiny_config  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
@@ -485,7 +486,7 @@ def test_base_model_chat_is_400_pointing_to_completions(tiny_base_model_dir):
 def test_cli_serve_end_to_end(tiny_model_dir):
     """`mlx-openelm serve` in a subprocess on a free port: startup line, a request, Ctrl-C."""
     cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "-m", str(tiny_model_dir)]
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [*cmd, "--port", "0", "--max-tokens", "3"], stderr=subprocess.PIPE, text=True
     )
     try:
