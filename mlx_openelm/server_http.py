@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, ServeError
+from .errors import DataError, ServeError, short
 from .jsonio import parse_json
 from .server_schema import DEFAULT_HOST, DEFAULT_PORT, APIError
 
@@ -148,11 +148,14 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     Raises:
         ServeError: the address is in use or cannot be bound.
     """
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise ServeError(f"--port must be between 0 and 65535 (0: any free port), got {port!r}")
     try:
         return socket.create_server((host, port))
-    except OSError as e:
+    except (OSError, ValueError, UnicodeError) as e:
         raise ServeError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port, or stop "
+            f"cannot listen on {short(host, 80)}:{port} ({getattr(e, 'strerror', None) or e}); "
+            "pass another --host/--port, or stop "
             "the program that uses it"
         ) from e
 

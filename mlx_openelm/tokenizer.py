@@ -160,6 +160,7 @@ class Tokenizer:
         """
         if add_special_tokens is not None:
             add_bos = add_special_tokens
+        check_text(text)
         ids = [self.bos_id] if add_bos else []
         for i, part in enumerate(self._special_re.split(text)):
             if i % 2:  # re.split puts the captured special strings at the odd positions
@@ -291,6 +292,24 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (folder / TOKENIZER_CONFIG_FILENAME).write_text(text, encoding="utf-8")
+
+
+def check_text(text: str) -> None:
+    """Refuse text SentencePiece cannot take: a lone surrogate (``\\udcff`` is how Python holds
+    a command-line byte that is not UTF-8) would end in a pybind11 cast error.
+
+    Raises:
+        TokenizerError: naming the position and how to fix it.
+    """
+    if not isinstance(text, str):
+        raise TokenizerError(f"text to tokenize must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(
+            f"the text is not valid UTF-8: character {e.start} ({text[e.start]!r}) is a lone "
+            "surrogate, e.g. from bytes that are not UTF-8; give UTF-8 text"
+        ) from None
 
 
 def _read_chat_template(folder: Path) -> str | None:
