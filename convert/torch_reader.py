@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlx_openelm.errors import OpenELMError, WeightsError
+from mlx_openelm.errors import OpenELMError, WeightsError, short
 
 # _Archive and _rebuild_tensor_v2 are re-exported for the tests, which reach into them.
-from .torch_pickle import TorchDType, _RestrictedUnpickler
+from .torch_pickle import TorchDType, _RestrictedUnpickler, check_pickle_bounds
 from .torch_pickle import _rebuild_tensor_v2 as _rebuild_tensor_v2
 from .torch_storage import LazyTensor, _Archive
 
@@ -98,13 +98,15 @@ def open_torch_checkpoint(path: str | Path) -> TorchCheckpoint:
                 )
             archive.byteorder = "<" if byteorder == "little" else ">"
         data = archive.read_member(f"{prefix}/data.pkl")
+        check_pickle_bounds(data, f"{path}: {prefix}/data.pkl")
         try:
             obj = _RestrictedUnpickler(data, archive, prefix).load()
         except OpenELMError:
             raise
         except Exception as exc:  # any malformed pickle: report it as what it is, a bad file
             raise WeightsError(
-                f"{path}: cannot unpickle {prefix}/data.pkl ({type(exc).__name__}: {exc}); the "
+                f"{path}: cannot unpickle {prefix}/data.pkl ({type(exc).__name__}: "
+                f"{short(exc, 200)}); the "
                 "file is corrupt or uses a torch feature this reader does not support."
             ) from exc
     except BaseException:
