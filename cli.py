@@ -133,17 +133,17 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
 
 
 # Commands with many options live in their own modules; registered here in --help order.
-app.command()(cli_convert.convert)  # converter issue
-app.command()(cli_generate.generate)  # generation issue
+app.command()(cli_convert.convert)
+app.command()(cli_generate.generate)
 app.command()(cli_generate.chat)
-app.command()(cli_lora.lora)  # LoRA issue
+app.command()(cli_lora.lora)
 app.command()(cli_lora.fuse)
 app.command("export-peft")(cli_lora.export_peft)
 app.command("import-peft")(cli_lora.import_peft)
 app.command("plot")(cli_lora.plot_cmd)
 
 
-# === eval / bench / doctor (evaluation issue) ===
+# === eval / bench / doctor ===
 eval_app = typer.Typer(
     cls=TyperGroup,
     help="Measure model quality: perplexity over text, zero-shot multiple choice.",
@@ -289,8 +289,9 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
     out.print(format_report(r), markup=False)
 
 
-# === serve (server issue) ===
-from mlx_openelm.server_schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
+# === serve ===
+from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
+from mlx_openelm.serve.schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,
     DEFAULT_PORT,
     ServerSettings,
@@ -316,9 +317,9 @@ def serve(
             help="Require 'Authorization: Bearer KEY' (all routes but /health).",
         ),
     ] = None,
-    max_tokens: MaxTokensOpt = _SERVE.max_tokens,
-    temp: TempOpt = _SERVE.temp,
-    top_p: TopPOpt = _SERVE.top_p,
+    max_tokens: MaxTokensOpt = _SERVE.generation.max_tokens,
+    temp: TempOpt = _SERVE.generation.temp,
+    top_p: TopPOpt = _SERVE.generation.top_p,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
     ] = _SERVE.max_queue,
@@ -329,9 +330,8 @@ def serve(
     """
     import logging
 
-    settings = ServerSettings(
-        api_key=api_key, max_tokens=max_tokens, temp=temp, top_p=top_p, max_queue=max_queue
-    )
+    generation = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p)
+    settings = ServerSettings(api_key=api_key, generation=generation, max_queue=max_queue)
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
 

@@ -22,7 +22,6 @@ grow every step (each new shape would retrace).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -37,6 +36,7 @@ from mlx.utils import tree_flatten
 
 import mlx_openelm
 from mlx_openelm import model as openelm_model
+from mlx_openelm.bench import no_eos, run_trial, weight_bytes
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.folder import write_model_folder
 from mlx_openelm.model import Model
@@ -63,28 +63,17 @@ def make_folder(path: Path, dtype: str, tokenizer: Tokenizer) -> Path:
     return path
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def no_eos(wrapper):
-    wrapper.eos_token_ids = set()  # fixed-length runs: never stop on EOS
-    return wrapper
-
-
 def run(stream, model, tokenizer, prompt: list[int], n: int) -> dict:
-    gc.collect()
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    tokens, last = [], None
-    for last in stream(model, tokenizer, prompt, max_tokens=n):
-        tokens.append(last.token)
-    peak = mx.get_peak_memory() - before + weight_bytes(model)
+    """One timed run through ``mlx-openelm bench``'s own trial, keeping the tokens."""
+    tokens: list[int] = []
+    trial = run_trial(
+        stream, model, weight_bytes(model), lambda r: tokens.append(r.token),
+        tokenizer=tokenizer, prompt=prompt, max_tokens=n,
+    )  # fmt: skip
     return {
-        "prompt_tps": last.prompt_tps,
-        "gen_tps": last.generation_tps,
-        "peak_gb": peak / 1e9,
+        "prompt_tps": trial.prompt_tps,
+        "gen_tps": trial.generation_tps,
+        "peak_gb": trial.peak_memory_gb,
         "tokens": tokens,
     }
 
@@ -115,7 +104,7 @@ def bench_dtype(folder: Path, args: argparse.Namespace) -> dict[str, list[dict]]
     ours, our_tok = mlx_openelm.load(folder)
     theirs, their_tok = mlx_lm.load(str(folder))
     runners = {
-        "ours": (mlx_openelm.stream_generate, ours, no_eos(our_tok.to_mlx_lm())),
+        "ours": (mlx_openelm.stream_generate, ours, no_eos(our_tok)),
         "mlx-lm": (mlx_lm.stream_generate, theirs, no_eos(their_tok)),
     }
     if args.compile:
@@ -123,7 +112,7 @@ def bench_dtype(folder: Path, args: argparse.Namespace) -> dict[str, list[dict]]
         runners["ours + compiled SwiGLU"] = (
             mlx_openelm.stream_generate,
             compiled,
-            no_eos(tok.to_mlx_lm()),
+            no_eos(tok),
         )
     prompt = mx.random.randint(3, 32000, (args.prompt_tokens,), key=mx.random.key(1)).tolist()
     for stream, model, tok in runners.values():  # warm-up

@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.choices import ChatTemplate, DType, values
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, OpenELMWarning, OutputExistsError, WeightsError
 from mlx_openelm.folder import write_model_folder
@@ -47,15 +48,15 @@ __all__ = [
     "convert",
 ]
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-CHAT_TEMPLATES = ("auto", "zephyr", "none")
+DTYPES = {d.value: getattr(mx, d.value) for d in DType}
+CHAT_TEMPLATES = values(ChatTemplate)
 # Above this many parameters (OpenELM-3B) the default dtype is bfloat16: Apple's MLX port
 # (corenet mlx_examples/open_elm) says 3B "requires a greater activation range than the other
 # model sizes" and should use bfloat16 for 16-bit and quantized inference.
 BF16_ABOVE_PARAMETERS = 2_000_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertProgress:
     """A progress report after each tensor written (``phase`` is ``"convert"``)."""
 
@@ -67,7 +68,7 @@ class ConvertProgress:
     name: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertResult:
     """What a conversion produced.
 
@@ -332,4 +333,13 @@ def _stream(
         yield name, array
         done += ref.nbytes
         if on_progress is not None:
-            on_progress(ConvertProgress("convert", done, total, i + 1, len(tensors), name))
+            on_progress(
+                ConvertProgress(
+                    phase="convert",
+                    bytes_done=done,
+                    bytes_total=total,
+                    tensors_done=i + 1,
+                    tensors_total=len(tensors),
+                    name=name,
+                )
+            )

@@ -10,7 +10,6 @@ name and shape against the model built from the config, and raises once listing 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, WeightsError
+from mlx_openelm.mismatch import group_names, tensor_mismatches
 from mlx_openelm.model import Model
 
 from .tensors import AveragedTensor, TensorRef
@@ -126,50 +126,11 @@ def check_tensors(
     Raises:
         WeightsError: with all problems; per-layer names are grouped (``layers.{0-15}.…``).
     """
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    shapes = [
-        f"{k} (expected {expected[k]}, got {tuple(found[k].shape)})"
-        for k in expected
-        if k in found and tuple(found[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {group_names(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} tensor(s): {group_names(extra)}")
-    if shapes:
-        problems.append(f"shape mismatch: {', '.join(shapes)}")
+    problems = tensor_mismatches(expected, {k: t.shape for k, t in found.items()})
     if problems:
         raise WeightsError(
             f"weights in {where} do not fit the config: {'; '.join(problems)}; {hint}"
         )
-
-
-_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
-
-
-def group_names(names: Sequence[str]) -> str:
-    """All ``names``, per-layer ones folded: ``transformer.layers.{0-3,7}.attn.q_norm.weight``."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for name in names:
-        m = _LAYER.search(name)
-        key = name if m is None else f"{name[: m.start(2)]}{{}}{name[m.end(2) :]}"
-        groups[key].append(-1 if m is None else int(m.group(2)))
-    parts = []
-    for key, layers in groups.items():
-        parts.append(key if layers == [-1] else key.replace("{}", "{" + _ranges(layers) + "}"))
-    return ", ".join(parts)
-
-
-def _ranges(values: list[int]) -> str:
-    runs: list[list[int]] = []
-    for v in sorted(set(values)):
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def average_checkpoints(cps: Sequence[Checkpoint]) -> Checkpoint:

@@ -45,7 +45,7 @@ PROBE_TEXT = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QualityReport:
     """Quantized vs unquantized on :data:`PROBE_TEXT`.
 

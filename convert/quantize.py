@@ -25,23 +25,19 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.choices import Bits, GroupSize, MixedPreset, bit_widths
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.model import Model
 
-BITS = (2, 3, 4, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-MIXED_PRESETS: dict[str, tuple[int, int]] = {
-    "mixed_2_6": (2, 6),
-    "mixed_3_4": (3, 4),
-    "mixed_3_6": (3, 6),
-    "mixed_4_6": (4, 6),
-}
+BITS = bit_widths(Bits)
+GROUP_SIZES = bit_widths(GroupSize)
+MIXED_PRESETS: dict[str, tuple[int, int]] = {m.value: m.bits for m in MixedPreset}
 MODE = "affine"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantPlan:
     """Which modules get quantized, and with how many bits.
 
@@ -106,7 +102,9 @@ def plan_quantization(
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue  # norms, containers, and widths the group size does not divide stay float
         modules[path] = high if _wants_more_bits(path, n) else low
-    return QuantPlan(group_size, low, dict(sorted(modules.items())), mixed)
+    return QuantPlan(
+        group_size=group_size, bits=low, modules=dict(sorted(modules.items())), mixed=mixed
+    )
 
 
 def _wants_more_bits(path: str, num_layers: int) -> bool:

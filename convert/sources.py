@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mlx_openelm.choices import SourceFormat, values
 from mlx_openelm.errors import ConfigError, ModelNotFoundError
 from mlx_openelm.loading import looks_like_repo_id
 
@@ -18,7 +19,7 @@ from .checkpoint import Checkpoint
 from .corenet import open_corenet
 from .hf import download, is_hf_folder, open_hf_folder
 
-FORMATS = ("hf", "corenet")
+FORMATS = values(SourceFormat)
 _HF_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 
 

@@ -20,17 +20,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_openelm.errors import WeightsError, short
-from mlx_openelm.info import safetensors_header
+from mlx_openelm.folder import SAFETENSORS_DTYPES, safetensors_header
 from mlx_openelm.jsonio import read_json
 
 from .torch_reader import load_torch_state_dict
 
-# safetensors dtype tag -> (our dtype name, numpy storage type); bfloat16 is moved as raw bits.
-_ST_DTYPES: dict[str, tuple[str, str]] = {
-    "F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
-    "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
-    "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?"),
-}  # fmt: skip
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -53,8 +47,8 @@ class SafetensorsTensor:
 
     def __init__(self, path: Path, name: str, start: int, shape: tuple[int, ...], tag: str) -> None:
         self.path, self.name, self.start, self.shape = path, name, start, shape
-        self.dtype = _ST_DTYPES[tag][0]
-        self._itemsize = np.dtype(_ST_DTYPES[tag][1]).itemsize
+        self.dtype = SAFETENSORS_DTYPES[tag][0]
+        self._itemsize = np.dtype(SAFETENSORS_DTYPES[tag][1]).itemsize
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +88,7 @@ def open_safetensors(path: Path) -> dict[str, SafetensorsTensor]:
             continue
         tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         label = short(name, 80)
-        if tag not in _ST_DTYPES:
+        if tag not in SAFETENSORS_DTYPES:
             problems.append(f"{label} has unsupported dtype {short(tag, 20)}")
             continue
         ref = SafetensorsTensor(path, name, data_start + begin, shape, tag)

@@ -1,7 +1,7 @@
 """The restricted unpickler for ``data.pkl`` inside a torch checkpoint.
 
 The pickle is protocol 2 and names each tensor storage by a persistent id
-``('storage', StorageType, key, location, numel)``; storages become ``_StorageRef`` and tensors
+``('storage', StorageType, key, location, numel)``; storages become ``StorageRef`` and tensors
 :class:`~.torch_storage.LazyTensor` (nothing is read yet).
 
 Safety: ``find_class`` hands out only the globals needed to rebuild tensors and plain containers,
@@ -27,7 +27,7 @@ from numpy._core.multiarray import _reconstruct, scalar
 
 from mlx_openelm.errors import UnsafePickleError, WeightsError, short
 
-from .torch_storage import _NUMPY_DTYPES, LazyTensor, _Archive, _make_tensor, _StorageRef
+from .torch_storage import NUMPY_DTYPES, Archive, LazyTensor, StorageRef, make_tensor
 
 __all__ = ["TorchDType"]
 
@@ -59,14 +59,12 @@ class _StorageClass:
 
 # (storage, offset, size, stride, requires_grad, backward_hooks[, metadata]): the last ones do
 # not matter here. v3 (dtypes without a typed storage, e.g. uint16) adds dtype after the hooks.
-def _rebuild_tensor_v2(storage: _StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> Any:
-    return _make_tensor(storage, storage.dtype, offset, size, stride)
+def _rebuild_tensor_v2(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> Any:
+    return make_tensor(storage, storage.dtype, offset, size, stride)
 
 
-def _rebuild_tensor_v3(
-    storage: _StorageRef, offset: int, size: Any, stride: Any, *rest: Any
-) -> Any:
-    return _make_tensor(storage, rest[2].name, offset, size, stride)
+def _rebuild_tensor_v3(storage: StorageRef, offset: int, size: Any, stride: Any, *rest: Any) -> Any:
+    return make_tensor(storage, rest[2].name, offset, size, stride)
 
 
 def _rebuild_parameter(data: LazyTensor, *_: Any) -> LazyTensor:
@@ -146,10 +144,10 @@ def check_pickle_bounds(data: bytes, where: str) -> None:
         ) from None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` with an allow-list of globals and lazy storages."""
 
-    def __init__(self, data: bytes, archive: _Archive, prefix: str) -> None:
+    def __init__(self, data: bytes, archive: Archive, prefix: str) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._archive, self._prefix = archive, prefix
         # Fresh copies of the mutable allowed objects for every load: the BUILD opcode can set
@@ -162,7 +160,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._globals[(module, name)]
         if module in ("torch", "torch.storage") and name.endswith("Storage"):
             return _StorageClass(_STORAGE_CLASSES.get(name, name))
-        if module == "torch" and (name in _NUMPY_DTYPES or name in _DTYPE_ALIASES):
+        if module == "torch" and (name in NUMPY_DTYPES or name in _DTYPE_ALIASES):
             return TorchDType(_DTYPE_ALIASES.get(name, name))
         if module == "torch" and _OTHER_TORCH_DTYPE.fullmatch(name):
             return TorchDType(name)
@@ -181,7 +179,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "torch.save or as safetensors, and convert that file."
         )
 
-    def persistent_load(self, pid: Any) -> _StorageRef:
+    def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {short(repr(pid), 120)}")
         storage_class, key = pid[1], pid[2]
@@ -192,4 +190,4 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "the file"
             )
         nbytes = self._archive.infos[member].file_size
-        return _StorageRef(self._archive, member, storage_class.dtype, nbytes)
+        return StorageRef(self._archive, member, storage_class.dtype, nbytes)

@@ -28,10 +28,10 @@ from typing import Any
 
 from mlx_openelm.errors import OpenELMError, WeightsError, short
 
-# _Archive and _rebuild_tensor_v2 are re-exported for the tests, which reach into them.
-from .torch_pickle import TorchDType, _RestrictedUnpickler, check_pickle_bounds
+# _rebuild_tensor_v2 (torch's own name) is re-exported for the tests, which reach into it.
+from .torch_pickle import RestrictedUnpickler, TorchDType, check_pickle_bounds
 from .torch_pickle import _rebuild_tensor_v2 as _rebuild_tensor_v2
-from .torch_storage import LazyTensor, _Archive
+from .torch_storage import Archive, LazyTensor
 
 __all__ = [
     "LazyTensor",
@@ -53,7 +53,7 @@ class TorchCheckpoint:
         obj: The unpickled top-level object, with every tensor a :class:`LazyTensor`.
     """
 
-    def __init__(self, path: Path, archive: _Archive, obj: Any) -> None:
+    def __init__(self, path: Path, archive: Archive, obj: Any) -> None:
         self.path, self.obj, self._archive = path, obj, archive
 
     def state_dict(self) -> dict[str, LazyTensor]:
@@ -86,7 +86,7 @@ def open_torch_checkpoint(path: str | Path) -> TorchCheckpoint:
     """
     path = Path(path)
     _check_header(path)
-    archive = _Archive(path)
+    archive = Archive(path)
     try:
         prefix = _find_prefix(archive)
         byteorder_member = f"{prefix}/byteorder"
@@ -100,7 +100,7 @@ def open_torch_checkpoint(path: str | Path) -> TorchCheckpoint:
         data = archive.read_member(f"{prefix}/data.pkl")
         check_pickle_bounds(data, f"{path}: {prefix}/data.pkl")
         try:
-            obj = _RestrictedUnpickler(data, archive, prefix).load()
+            obj = RestrictedUnpickler(data, archive, prefix).load()
         except OpenELMError:
             raise
         except Exception as exc:  # any malformed pickle: report it as what it is, a bad file
@@ -198,7 +198,7 @@ def _check_header(path: Path) -> None:
     raise WeightsError(f"{path} is not a torch checkpoint ({kind}: starts with {head[:8]!r}).")
 
 
-def _find_prefix(archive: _Archive) -> str:
+def _find_prefix(archive: Archive) -> str:
     names = archive.infos
     prefixes = [
         n[: -len("/data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1

@@ -1,7 +1,7 @@
 """The storage side of the torch checkpoint reader: the zip archive and its lazy tensors.
 
 ``torch.save`` (torch >= 1.6) writes a zip archive whose tensor storages are raw little-endian
-members ``<prefix>/data/<key>``. :class:`_Archive` reads the member table and byte ranges of those
+members ``<prefix>/data/<key>``. :class:`Archive` reads the member table and byte ranges of those
 members; each tensor becomes a :class:`LazyTensor` that remembers its member, byte offset, shape
 and strides and reads just those bytes when asked. While the archive is open, reads share its one
 file handle; after it is closed each read reopens the file for that one read, and a file changed
@@ -31,14 +31,14 @@ from mlx_openelm.errors import WeightsError
 __all__ = ["LazyTensor"]
 
 # Supported tensor dtypes -> little-endian numpy storage dtype; bfloat16 is kept as its raw bits.
-_NUMPY_DTYPES = {
+NUMPY_DTYPES = {
     "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
     "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?",
 }  # fmt: skip
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
 
 
-class _Archive:
+class Archive:
     """One zip file: its member table and byte-range reads from its members."""
 
     def __init__(self, path: Path) -> None:
@@ -152,8 +152,8 @@ class _Archive:
 
 
 @dataclass(frozen=True)
-class _StorageRef:
-    archive: _Archive
+class StorageRef:
+    archive: Archive
     member: str
     dtype: str
     nbytes: int
@@ -170,7 +170,7 @@ class LazyTensor:
     __slots__ = ("_storage", "_offset", "_stride", "dtype", "shape")
 
     def __init__(
-        self, storage: _StorageRef, dtype: str, offset: int, shape: tuple, stride: tuple
+        self, storage: StorageRef, dtype: str, offset: int, shape: tuple, stride: tuple
     ) -> None:
         self._storage, self.dtype, self._offset, self.shape, self._stride = (
             storage, dtype, offset, shape, stride
@@ -179,14 +179,14 @@ class LazyTensor:
     @property
     def nbytes(self) -> int:
         """Bytes the tensor takes once read (contiguous), as in torch."""
-        return math.prod(self.shape) * np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
+        return math.prod(self.shape) * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, member={self._storage.member})"
 
     def raw(self) -> np.ndarray:
         """The tensor as a contiguous numpy array; bfloat16 comes back as its raw uint16 bits."""
-        dtype = np.dtype(_NUMPY_DTYPES[self.dtype]).newbyteorder(self._storage.archive.byteorder)
+        dtype = np.dtype(NUMPY_DTYPES[self.dtype]).newbyteorder(self._storage.archive.byteorder)
         if math.prod(self.shape) == 0:
             return np.empty(self.shape, dtype=dtype.newbyteorder("="))
         span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self._stride, strict=True))
@@ -227,19 +227,17 @@ class LazyTensor:
         return True
 
 
-def _make_tensor(
-    storage: _StorageRef, dtype: str, offset: int, size: Any, stride: Any
-) -> LazyTensor:
-    if dtype not in _NUMPY_DTYPES:
+def make_tensor(storage: StorageRef, dtype: str, offset: int, size: Any, stride: Any) -> LazyTensor:
+    if dtype not in NUMPY_DTYPES:
         raise WeightsError(
             f"{storage.archive.path}: tensor in {storage.member} has dtype {dtype}, which this "
-            f"reader does not support ({', '.join(_NUMPY_DTYPES)}). Cast it in torch and re-save."
+            f"reader does not support ({', '.join(NUMPY_DTYPES)}). Cast it in torch and re-save."
         )
     shape, strides = tuple(size), tuple(stride)
     values = (offset, *shape, *strides)
     if len(shape) != len(strides) or not all(isinstance(v, int) and v >= 0 for v in values):
         raise WeightsError(f"{storage.archive.path}: bad tensor layout in {storage.member}.")
-    itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
     span = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
     if (offset + span) * itemsize > storage.nbytes:
         raise WeightsError(

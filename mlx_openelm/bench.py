@@ -35,7 +35,7 @@ OUR_ROW = "mlx-openelm"
 MLX_LM_ROW = "mlx-lm"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trial:
     prompt_tps: float
     generation_tps: float
@@ -47,7 +47,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchRow:
     name: str
     trials: list[Trial] = field(default_factory=list)
@@ -61,7 +61,7 @@ class BenchRow:
         return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchReport:
     model: str
     prompt_tokens: int
@@ -164,15 +164,25 @@ def _check(prompt_tokens: int, generation_tokens: int, trials: int) -> None:
             raise GenerationError(f"{name} must be at least 1, got {value}")
 
 
-def _no_eos(tokenizer: Any) -> Any:
+def no_eos(tokenizer: Any) -> Any:
     """An mlx-lm tokenizer wrapper that never stops on EOS (fixed-length runs)."""
     wrapper = tokenizer.to_mlx_lm() if hasattr(tokenizer, "to_mlx_lm") else tokenizer
     wrapper.eos_token_ids = []
     return wrapper
 
 
-def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, **kw: Any) -> Trial:
-    """One timed run; peak memory counts this model's weights, not every loaded model's."""
+def run_trial(
+    generate: Callable[..., Any],
+    model: nn.Module,
+    own_bytes: int,
+    on_response: Callable[[Any], None] | None = None,
+    **kw: Any,
+) -> Trial:
+    """One timed run of ``generate(model, **kw)`` (our or mlx-lm's ``stream_generate``).
+
+    Peak memory counts this model's weights (``own_bytes``), not every loaded model's;
+    ``on_response`` sees each response (e.g. to collect the tokens).
+    """
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()
@@ -180,8 +190,15 @@ def _run_trial(generate: Callable[..., Any], model: nn.Module, own_bytes: int, *
     last = None
     for response in generate(model, **kw):
         last = response
+        if on_response is not None:
+            on_response(response)
     peak = mx.get_peak_memory() - baseline + own_bytes
-    return Trial(last.prompt_tps, last.generation_tps, peak / 1e9, last.generation_tokens)
+    return Trial(
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=peak / 1e9,
+        generated=last.generation_tokens,
+    )
 
 
 def bench(
@@ -222,17 +239,17 @@ def bench(
         theirs, _ = mlx_lm_load_model(folder)
         runners.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
     prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
-    kw = {"tokenizer": _no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
+    kw = {"tokenizer": no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
     # Warm-up (untimed, short: any forward touches every weight once and builds the kernels).
     warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
     for _, generate, m in runners:
-        _run_trial(generate, m, 0, **warm)
-    rows = [BenchRow(name) for name, _, _ in runners]
+        run_trial(generate, m, 0, **warm)
+    rows = [BenchRow(name=name) for name, _, _ in runners]
     for i in range(trials):
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
         for j in order:
             name, generate, m = runners[j]
-            trial = _run_trial(generate, m, weight_bytes(m), **kw)
+            trial = run_trial(generate, m, weight_bytes(m), **kw)
             rows[j].trials.append(trial)
             if on_trial is not None:
                 on_trial(name, i, trial)

@@ -15,8 +15,7 @@ dropped for context) the conversation is encoded afresh and the cache is trimmed
 prefix.
 
 ``run_repl``, the read-eval-print loop behind ``mlx-openelm chat``, lives in
-:mod:`mlx_openelm.chat_repl` and is re-exported here with its ``ChatIO``, ``HELP``, ``PROMPT`` and
-``stats_lines``.
+:mod:`mlx_openelm.chat_repl`.
 """
 
 from __future__ import annotations
@@ -29,30 +28,20 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .chat_repl import HELP, PROMPT, ChatIO, run_repl, stats_lines  # noqa: F401 - re-exported
 from .errors import DataError, GenerationError, short
 from .folder import atomic_write_text
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    check_draft_model,
-    make_cache,
-    stream_generate,
-    validate_options,
-)
+from .generate import GenerationOptions, check_draft_model, make_cache, stream_generate
 from .jsonio import read_jsonl
-from .prompt_cache import common_prefix_length
+from .prompt_cache import reuse_prefix
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
 
 ROLES = ("system", "user", "assistant")
-_VALIDATED = {"temp", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size"}
-_VALIDATED |= {"kv_bits", "num_draft_tokens", "stop"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TurnStats:
     """What one turn cost. ``prefilled_tokens`` of ``prompt_tokens`` ran through the model; the
     rest came from the cache."""
@@ -68,7 +57,7 @@ class TurnStats:
     draft_tokens: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Turn:
     """A planned reply: the conversation fits the context and the cache is ready.
 
@@ -97,13 +86,12 @@ class ChatSession:
     Args:
         model, tokenizer: from ``mlx_openelm.load``; the tokenizer needs a chat template.
         system: an optional system prompt.
-        max_tokens: the most tokens per reply.
+        options: how to generate each reply (:class:`GenerationOptions`; ``max_tokens`` is the
+            most tokens per reply; ``seed`` seeds the session once).
         context_length: tokens the model attends to (default: the model's
             ``max_context_length``, 2048 for OpenELM); older turns are dropped to stay inside.
         draft_model: a smaller model for speculative decoding.
-        max_kv_size: a rotating cache of this many tokens.
-        sampling: the remaining ``stream_generate`` options (``temp``, ``top_p``, ``stop``…);
-            ``seed`` seeds the session once.
+        **option_keywords: :class:`GenerationOptions` fields applied over ``options``.
 
     Raises:
         GenerationError: no chat template, or an option out of range.
@@ -115,35 +103,25 @@ class ChatSession:
         tokenizer: Any,
         *,
         system: str | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        options: GenerationOptions | None = None,
         context_length: int | None = None,
         draft_model: nn.Module | None = None,
-        max_kv_size: int | None = None,
-        **sampling: Any,
+        **option_keywords: Any,
     ) -> None:
         if tokenizer.chat_template is None:
             raise GenerationError(
                 "chat needs an instruct model with a chat template, and this tokenizer has "
                 "none; use an -Instruct model, or `mlx-openelm generate` for base models"
             )
-        options = {k: v for k, v in sampling.items() if k in _VALIDATED}
-        validate_options(max_tokens=max_tokens, max_kv_size=max_kv_size, **options)
+        options = GenerationOptions.of(options, **option_keywords).validate()
         if draft_model is not None:
-            check_draft_model(model, draft_model)
-            if max_kv_size is not None:
-                raise GenerationError(
-                    "max_kv_size (--max-kv-size) cannot be combined with a draft model: "
-                    "speculative decoding rewinds the cache, which a rotating cache cannot do"
-                )
-        seed = sampling.pop("seed", None)
-        if seed is not None:
-            mx.random.seed(seed)  # once per session, so turns do not repeat the same draws
+            check_draft_model(model, draft_model, options)
+        if options.seed is not None:
+            mx.random.seed(options.seed)  # once per session, so turns do not repeat the same draws
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.system = system or None
-        self.max_tokens = max_tokens
+        self.options = options.replace(seed=None)
         self.context_length = context_length or model.args.max_context_length
-        self.max_kv_size = max_kv_size
-        self.sampling = sampling
         self.history: list[dict[str, str]] = []
         self.turns: list[TurnStats] = []
         self._cache: list[Any] | None = None  # None: build a fresh one next turn
@@ -180,7 +158,9 @@ class ChatSession:
         history = [*self.history, {"role": "user", "content": text}]
         tokens, rendered = self._tokens_for(history)
         dropped = 0
-        while len(tokens) + self.max_tokens > self.context_length and _num_turns(history) > 1:
+        while (
+            len(tokens) + self.options.max_tokens > self.context_length and _num_turns(history) > 1
+        ):
             history = _drop_oldest_turn(history)
             dropped += 1
             tokens, rendered = self._tokens_for(history)
@@ -189,9 +169,17 @@ class ChatSession:
                 f"this message makes a {len(tokens)}-token prompt, which does not fit the "
                 f"{self.context_length}-token context; send a shorter message"
             )
-        max_tokens = min(self.max_tokens, self.context_length - len(tokens))
+        max_tokens = min(self.options.max_tokens, self.context_length - len(tokens))
         reused = self._reuse_cache(tokens)
-        return Turn(self, history, rendered, tokens, reused, max_tokens, dropped)
+        return Turn(
+            session=self,
+            history=history,
+            text=rendered,
+            tokens=tokens,
+            reused=reused,
+            max_tokens=max_tokens,
+            dropped_turns=dropped,
+        )
 
     # -- transcripts ------------------------------------------------------------------------
 
@@ -228,20 +216,18 @@ class ChatSession:
         """Trim the cache to its longest prefix of ``tokens`` (leaving one to run); its length."""
         if self._cache is None:
             self._forget_cache()
-        n = common_prefix_length(self._ids[: self._in_cache], tokens)
-        n = min(n, len(tokens) - 1)  # the last prompt token must run to give the next logits
-        if n < self._in_cache:
-            if can_trim_prompt_cache(self._cache):
-                trim_prompt_cache(self._cache, self._in_cache - n)
-            else:  # a rotating cache that has wrapped around: start over
-                self._forget_cache()
-                n = 0
+        n = reuse_prefix(self._cache, self._ids[: self._in_cache], tokens)
+        if n == 0 and self._in_cache > 0:  # nothing in common, or it cannot be trimmed
+            self._cache = self._new_cache()
         self._in_cache = n
         return n
 
+    def _new_cache(self) -> list[Any]:
+        o = self.options
+        return make_cache(self.model, self.draft_model, o.max_kv_size, o.kv_bits, o.kv_group_size)
+
     def _forget_cache(self) -> None:
-        kv = {k: v for k, v in self.sampling.items() if k in ("kv_bits", "kv_group_size")}
-        self._cache = make_cache(self.model, self.draft_model, self.max_kv_size, **kv)
+        self._cache = self._new_cache()
         self._ids, self._text, self._in_cache = [], None, 0
 
     def _generate(self, turn: Turn) -> Iterator[GenerationResponse]:
@@ -255,9 +241,9 @@ class ChatSession:
                 self.tokenizer,
                 turn.tokens[turn.reused :],
                 turn.max_tokens,
+                options=self.options,
                 prompt_cache=self._cache,
                 draft_model=self.draft_model,
-                **self.sampling,
             ):
                 pieces.append(last.text)
                 generated.append(last.token)

@@ -7,24 +7,19 @@ option is an ``Annotated`` alias so its flag names and help text live in one pla
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
+
+from mlx_openelm.choices import DType
 
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-class DType(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
 
 
 # --- Options shared by several commands: defined once, defaults in one place. ---
@@ -79,7 +74,7 @@ class LazyProgress(Progress):
     def __enter__(self) -> LazyProgress:
         return self
 
-    def add_task(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - Progress's signature
+    def add_task(self, *args: Any, **kwargs: Any) -> TaskID:  # Progress.add_task's signature
         if not self.live.is_started:
             self.start()
         return super().add_task(*args, **kwargs)

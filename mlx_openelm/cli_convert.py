@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import (
+    Bits,
+    ChatTemplate,
+    CoreNetSize,
+    GroupSize,
+    MixedPreset,
+    SourceFormat,
+)
 from mlx_openelm.cli_common import (
     DTypeOpt,
     ForceOpt,
@@ -18,44 +26,10 @@ from mlx_openelm.cli_common import (
     out,
 )
 
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from rich.progress import Progress
 
-class SourceFormat(str, Enum):
-    hf = "hf"
-    corenet = "corenet"
-
-
-class CoreNetSize(str, Enum):
-    s270M = "270M"
-    s450M = "450M"
-    s1_1B = "1_1B"
-    s3B = "3B"
-
-
-class Bits(str, Enum):
-    b2 = "2"
-    b3 = "3"
-    b4 = "4"
-    b6 = "6"
-    b8 = "8"
-
-
-class GroupSize(str, Enum):
-    g32 = "32"
-    g64 = "64"
-    g128 = "128"
-
-
-class MixedPreset(str, Enum):
-    mixed_2_6 = "mixed_2_6"
-    mixed_3_4 = "mixed_3_4"
-    mixed_3_6 = "mixed_3_6"
-    mixed_4_6 = "mixed_4_6"
-
-
-class ChatTemplate(str, Enum):
-    auto = "auto"
-    zephyr = "zephyr"
-    none = "none"
+    from mlx_openelm.convert import ConvertProgress, ConvertResult
 
 
 _MIXED_HELP = (
@@ -65,10 +39,10 @@ _MIXED_HELP = (
 )
 
 
-def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> callback
+def _progress_reporter(progress: Progress) -> Callable[[ConvertProgress], None]:
     tasks: dict[str, int] = {}
 
-    def report(p) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(p: ConvertProgress) -> None:
         if p.phase not in tasks:
             tasks[p.phase] = progress.add_task(p.phase, total=p.bytes_total, count="")
         count = f"{p.tensors_done}/{p.tensors_total} tensors"
@@ -77,7 +51,7 @@ def _progress_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> cal
     return report
 
 
-def _convert_summary(result) -> list[str]:  # noqa: ANN001 - mlx_openelm.convert.ConvertResult
+def _convert_summary(result: ConvertResult) -> list[str]:
     quant = ""
     if result.quantization:
         q = result.quantization

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,7 +25,7 @@ from mlx_openelm.cli_common import (
     TopPOpt,
     err,
 )
-from mlx_openelm.generate import (
+from mlx_openelm.generate_options import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_NUM_DRAFT,
@@ -30,7 +33,11 @@ from mlx_openelm.generate import (
     DEFAULT_TEMP,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    GenerationOptions,
 )
+
+if TYPE_CHECKING:  # annotations only: the converter imports MLX
+    from mlx_openelm.convert import ConvertProgress
 
 PromptOpt = Annotated[
     str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.")
@@ -58,19 +65,52 @@ KVBitsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
 
 
-def _sampling(max_tokens: int, **options: object) -> dict[str, object]:
-    """Check the flags before a model loads, so a bad value fails at once."""
-    from mlx_openelm.generate import validate_options
+# The generation flags, once: (GenerationOptions field, option type, default). A new option is
+# one row here (and its field in mlx_openelm/generate_options.py); generate and chat both get it.
+GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
+    ("max_tokens", MaxTokensOpt, DEFAULT_MAX_TOKENS),
+    ("temp", TempOpt, DEFAULT_TEMP),
+    ("top_p", TopPOpt, DEFAULT_TOP_P),
+    ("top_k", TopKOpt, DEFAULT_TOP_K),
+    ("min_p", MinPOpt, DEFAULT_MIN_P),
+    ("repetition_penalty", RepPenaltyOpt, None),
+    ("repetition_context_size", RepContextOpt, DEFAULT_REPETITION_CONTEXT),
+    ("seed", SeedOpt, None),
+    ("stop", StopOpt, None),
+    ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),
+    ("max_kv_size", MaxKVOpt, None),
+    ("kv_bits", KVBitsOpt, None),
+]
 
-    validate_options(max_tokens=max_tokens, **{k: v for k, v in options.items() if k != "seed"})
-    return options
+
+def with_generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the generation flags in place of its ``options`` parameter.
+
+    Typer reads the new signature; the command receives one :class:`GenerationOptions`, checked
+    before anything loads so that a bad value fails at once.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    flags = [inspect.Parameter(n, kind, default=d, annotation=t) for n, t, d in GENERATION_FLAGS]
+    params: list[inspect.Parameter] = []
+    for p in signature.parameters.values():
+        params.extend(flags if p.name == "options" else [p])
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name, _, _ in GENERATION_FLAGS}
+        return command(**kwargs, options=GenerationOptions(**values).validate())
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
 
 
-def _conversion_notice(model: str):  # noqa: ANN202 - callback for the converter
+def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
     """One dim line per phase when a hub model is converted on first use."""
     phases: set[str] = set()
 
-    def report(progress) -> None:  # noqa: ANN001 - mlx_openelm.convert.ConvertProgress
+    def report(progress: ConvertProgress) -> None:
         if progress.phase not in phases:
             phases.add(progress.phase)
             what = "hashing the download" if progress.phase == "hash" else "converting it"
@@ -98,25 +138,15 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+@with_generation_options
 def generate(
     model: ModelOpt = DEFAULT_MODEL,
     prompt: PromptOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
     raw: RawOpt = False,
 ) -> None:
     """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
@@ -129,11 +159,6 @@ def generate(
     )
     from mlx_openelm.generate import stream_generate as stream
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     text = _read_stdin() if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
@@ -141,9 +166,9 @@ def generate(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
     ids = build_prompt(tok, text, system, raw)
-    check_prompt_length(m, len(ids), max_tokens)
+    check_prompt_length(m, len(ids), (options or GenerationOptions()).max_tokens)
     last, drafted = None, 0
-    for r in stream(m, tok, ids, max_tokens, draft_model=draft, **sampling):
+    for r in stream(m, tok, ids, options=options, draft_model=draft):
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
@@ -174,40 +199,24 @@ class _TerminalIO:
         err.print(text, markup=False)
 
 
+@with_generation_options
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
-    temp: TempOpt = DEFAULT_TEMP,
-    top_p: TopPOpt = DEFAULT_TOP_P,
-    top_k: TopKOpt = DEFAULT_TOP_K,
-    min_p: MinPOpt = DEFAULT_MIN_P,
-    repetition_penalty: RepPenaltyOpt = None,
-    repetition_context_size: RepContextOpt = DEFAULT_REPETITION_CONTEXT,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
+    options: GenerationOptions | None = None,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
-    num_draft: NumDraftOpt = DEFAULT_NUM_DRAFT,
-    max_kv_size: MaxKVOpt = None,
-    kv_bits: KVBitsOpt = None,
 ) -> None:
     """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
-    from mlx_openelm.chat import ChatSession, run_repl
+    from mlx_openelm.chat import ChatSession
+    from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation
 
-    sampling = _sampling(
-        max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        seed=seed, stop=stop, max_kv_size=max_kv_size, kv_bits=kv_bits, num_draft_tokens=num_draft,
-    )  # fmt: skip
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
-    session = ChatSession(
-        m, tok, system=system, max_tokens=max_tokens, draft_model=draft, **sampling
-    )
+    session = ChatSession(m, tok, system=system, options=options, draft_model=draft)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     err.print(f"Chatting with {model}. /help lists commands; /quit or Ctrl-D leaves.", style="dim")

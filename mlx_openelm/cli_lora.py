@@ -6,12 +6,13 @@ Registered on the app in ``cli.py``; the training defaults come from ``TrainConf
 
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_openelm.choices import FineTuneType, LRSchedule, OptimizerName
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     FastBlasOpt,
@@ -26,28 +27,13 @@ from mlx_openelm.cli_common import (
 )
 from mlx_openelm.lora.config import AdapterSpec, TrainConfig  # no MLX import
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 _SPEC, _TRAIN = AdapterSpec(), TrainConfig()  # the one place the fine-tuning defaults live
 
 
-class FineTuneType(str, Enum):
-    lora = "lora"
-    dora = "dora"
-    full = "full"
-
-
-class LRSchedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-    linear = "linear"
-
-
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
-
-
-def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> training callback
+def _lora_reporter(progress: Progress) -> Callable[[object], None]:
     from mlx_openelm.lora import DataReport, EvalReport, SaveReport, StartReport, StepReport
 
     task: list[int] = []
@@ -93,7 +79,7 @@ def _lora_reporter(progress):  # noqa: ANN001, ANN202 - rich Progress -> trainin
     return report
 
 
-def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None):  # noqa: ANN202
+def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """``--config FILE``: a YAML mapping of ``lora`` flags used as their defaults.
 
     Keys are the flag names (``batch_size: 2`` or ``batch-size: 2``; ``targets`` may be a list);
@@ -242,12 +228,18 @@ def lora(
     from mlx_openelm.lora import finetune
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    spec = AdapterSpec(fine_tune_type.value, rank, alpha, dropout, names, num_layers)
+    spec = AdapterSpec(
+        fine_tune_type=fine_tune_type.value, rank=rank, alpha=alpha, dropout=dropout,
+        targets=names, num_layers=num_layers,
+    )  # fmt: skip
     config = TrainConfig(
-        iters, epochs, batch_size, grad_accum, learning_rate, lr_schedule.value, warmup,
-        optimizer.value, weight_decay, grad_clip, grad_checkpoint,
-        _TRAIN.seed if seed is None else seed, max_seq_len, pack, pack_length,
-        val_every, val_batches, save_every, keep_best, early_stop,
+        iters=iters, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        learning_rate=learning_rate, lr_schedule=lr_schedule.value, warmup=warmup,
+        optimizer=optimizer.value, weight_decay=weight_decay, grad_clip=grad_clip,
+        grad_checkpoint=grad_checkpoint, seed=_TRAIN.seed if seed is None else seed,
+        max_seq_len=max_seq_len, pack=pack, pack_length=pack_length, val_every=val_every,
+        val_batches=val_batches, save_every=save_every, keep_best=keep_best,
+        early_stop=early_stop,
     )  # fmt: skip
     columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), "{task.fields[stats]}")  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .choices import CoreNetSize
 from .config_check import _check_int, check_fields
 from .errors import ConfigError
 
@@ -22,10 +23,10 @@ MODEL_TYPE = "openelm"
 
 # (num_transformer_layers, model_dim, head_dim) of Apple's released sizes; all share the rest.
 PRESETS: dict[str, tuple[int, int, int]] = {
-    "270M": (16, 1280, 64),
-    "450M": (20, 1536, 64),
-    "1_1B": (28, 2048, 64),
-    "3B": (36, 3072, 128),
+    CoreNetSize.s270M.value: (16, 1280, 64),
+    CoreNetSize.s450M.value: (20, 1536, 64),
+    CoreNetSize.s1_1B.value: (28, 2048, 64),
+    CoreNetSize.s3B.value: (36, 3072, 128),
 }
 # What Apple's released sizes set beyond Apple's defaults (CoreNet's ``gpt_configs``).
 _PRESET_COMMON: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Streaming decode for the Llama-2 SentencePiece vocabulary OpenELM uses.
 
 Decoding works piece by piece (``▁`` → space, ``<0xNN>`` → byte) over a piece table built once
-per tokenizer (:func:`_piece_table`), in one state machine, :class:`StreamingDetokenizer`, that
+per tokenizer (:func:`piece_table`), in one state machine, :class:`StreamingDetokenizer`, that
 :meth:`~mlx_openelm.tokenizer.Tokenizer.decode` also uses, so streamed chunks always join to
 exactly the full decode. Bytes of unfinished UTF-8 characters are held back; invalid bytes become
 one U+FFFD each, as in SentencePiece's decode.
@@ -18,10 +18,10 @@ from mlx_openelm.errors import TokenizerError
 if TYPE_CHECKING:
     from mlx_openelm.tokenizer import Tokenizer
 
-__all__ = ["StreamingDetokenizer"]
+__all__ = ["BYTE", "NORMAL", "SPECIAL", "StreamingDetokenizer", "piece_table"]
 
 # Piece kinds in the decode table.
-_NORMAL, _BYTE, _SPECIAL = 0, 1, 2
+NORMAL, BYTE, SPECIAL = 0, 1, 2
 
 
 class StreamingDetokenizer:
@@ -35,7 +35,7 @@ class StreamingDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
-        self._pieces = tokenizer._pieces
+        self._pieces = tokenizer.pieces
         self.skip_special = skip_special
         self.reset()
 
@@ -76,11 +76,11 @@ class StreamingDetokenizer:
             )
         self.tokens.append(token)
         kind, text, byte = self._pieces[token]
-        if kind == _BYTE:
+        if kind == BYTE:
             self._pending.append(byte)
             self._segment_start = False  # SentencePiece: a byte piece takes the dummy-prefix slot
             return self._emit(self._take_bytes(force=False))
-        if kind == _SPECIAL:
+        if kind == SPECIAL:
             if self.skip_special:
                 return ""
             self._segment_start = True
@@ -109,17 +109,17 @@ class StreamingDetokenizer:
         return _decode_bytewise(data)
 
 
-def _piece_table(sp: spm.SentencePieceProcessor) -> list[tuple[int, str, int]]:
+def piece_table(sp: spm.SentencePieceProcessor) -> list[tuple[int, str, int]]:
     """(kind, text, byte) per id: text with ``▁`` as a space; byte only for ``<0xNN>`` pieces."""
     table = []
     for i in range(sp.get_piece_size()):
         piece = sp.id_to_piece(i)
         if sp.is_byte(i):
-            table.append((_BYTE, "", int(piece[3:5], 16)))
+            table.append((BYTE, "", int(piece[3:5], 16)))
         elif sp.is_control(i) or sp.is_unknown(i):
-            table.append((_SPECIAL, piece, -1))
+            table.append((SPECIAL, piece, -1))
         else:
-            table.append((_NORMAL, piece.replace("\u2581", " "), -1))
+            table.append((NORMAL, piece.replace("\u2581", " "), -1))
     return table
 
 

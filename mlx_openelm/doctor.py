@@ -101,7 +101,7 @@ def openblas_corename(library: str | Path | None = None) -> str | None:
     return get().decode(errors="replace").strip()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlasInfo:
     kind: str  # "openblas", "reference", "mkl", "blis", "accelerate", "unknown"
     library: str | None  # the file MLX's cblas_sgemm resolves to
@@ -171,7 +171,7 @@ def classify_blas(library: str | None) -> tuple[str, str | None]:
 def blas_info() -> BlasInfo:
     """Which BLAS MLX's CPU matmuls run on in this process (after running one)."""
     if sys.platform == "darwin":
-        return BlasInfo("accelerate", None, None, None, [])
+        return BlasInfo(kind="accelerate", library=None, config=None, core=None, loaded=[])
     a = mx.ones((64, 64), dtype=mx.float32)
     mx.eval(mx.matmul(a, a, stream=mx.cpu))  # make sure the BLAS is loaded and bound
     try:
@@ -184,7 +184,7 @@ def blas_info() -> BlasInfo:
         library = bundled[0] if bundled else (loaded[0] if loaded else None)
     kind, config = classify_blas(library)
     core = openblas_corename(library) if kind == "openblas" else None
-    return BlasInfo(kind, library, config, core, loaded)
+    return BlasInfo(kind=kind, library=library, config=config, core=core, loaded=loaded)
 
 
 def _version(package: str) -> str:

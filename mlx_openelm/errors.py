@@ -75,3 +75,7 @@ def short(text: object, limit: int = 200) -> str:
         return text
     keep = max(limit // 2 - 10, 1)
     return f"{text[:keep]} …[{len(text) - 2 * keep} characters cut]… {text[-keep:]}"
+
+
+class MissingDependencyError(OpenELMError):
+    """An optional extra a command needs is not installed (the message says how to add it)."""

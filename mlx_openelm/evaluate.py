@@ -120,7 +120,7 @@ def read_choice_tasks(path: str | Path) -> list[ChoiceQuestion]:
 # --- Perplexity ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerplexityResult:
     perplexity: float
     nll: float  # mean negative log-likelihood per scored token, in nats
@@ -214,7 +214,9 @@ def perplexity(
             if on_progress is not None:
                 on_progress(done, len(jobs))
     mean = nll / tokens
-    return PerplexityResult(math.exp(mean), mean, tokens, len(jobs), len(texts))
+    return PerplexityResult(
+        perplexity=math.exp(mean), nll=mean, tokens=tokens, windows=len(jobs), documents=len(texts)
+    )
 
 
 # --- Multiple choice ----------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def _stderr(hits: Sequence[float]) -> float:
     return math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChoiceResult:
     acc: float
     acc_norm: float

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, WeightsError, short
+from .jsonio import parse_json
 from .outputs import (
     DISK_FULL,
     check_replaceable,
@@ -37,19 +40,86 @@ from .outputs import (
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_NAME = "model.safetensors.index.json"
 
-_ST_DTYPES = {
-    mx.float32: "F32",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.uint32: "U32",
-    mx.int32: "I32",
-    mx.uint8: "U8",
-    mx.int8: "I8",
-    mx.int64: "I64",
-    mx.uint16: "U16",
-    mx.int16: "I16",
-    mx.bool_: "BOOL",
-}
+# The one safetensors dtype table: tag -> (dtype name, NumPy type of the stored bytes); bfloat16
+# is moved as raw 16-bit patterns (NumPy has no bfloat16). The converter reads with it, this
+# writer writes with it.
+SAFETENSORS_DTYPES: dict[str, tuple[str, str]] = {
+    "F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
+    "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
+    "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U32": ("uint32", "<u4"),
+    "U16": ("uint16", "<u2"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?"),
+}  # fmt: skip
+_TAG_OF = {name: tag for tag, (name, _) in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_tag(dtype: mx.Dtype) -> str:
+    """The safetensors dtype tag of an MLX dtype (``mx.bfloat16`` -> ``"BF16"``)."""
+    return _TAG_OF[str(dtype).rsplit(".", 1)[-1]]
+
+
+_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_DIMS = 8
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """Why one header entry is malformed, or None: checked before any arithmetic uses it."""
+    if not isinstance(entry, dict):
+        return f"{short(name, 80)} is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"{short(name, 80)} has no string 'dtype'"
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= _MAX_DIMS
+        and all(type(d) is int and 0 <= d < 2**48 for d in shape)
+    ):
+        return f"{short(name, 80)} has 'shape' {short(shape, 60)}, not a list of sizes"
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"{short(name, 80)} has 'data_offsets' {short(offsets, 60)}, not [begin, end]"
+    return None
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, its entries' types checked.
+
+    Every tensor entry is an object with a string ``dtype``, a ``shape`` of at most 8
+    non-negative ints and ``data_offsets`` ``[begin, end]`` with ``0 <= begin <= end``, so callers
+    may do arithmetic on them; sizes against the file are checked by the caller.
+
+    Raises:
+        WeightsError: a truncated, non-JSON or malformed header, naming the file.
+    """
+    how = "download or convert it again"
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} is implausible")
+            raw = f.read(n)
+        if len(raw) != n:
+            raise ValueError("file ends inside the header")
+    except (OSError, struct.error, ValueError) as e:
+        raise WeightsError(f"{path} is not a valid safetensors file ({e}); {how}") from None
+    header = parse_json(
+        raw, f"{path}", WeightsError, f"it is not a valid safetensors file; {how}", dict
+    )
+    problems = [
+        problem
+        for name, entry in header.items()
+        if name != "__metadata__" and (problem := _entry_problem(name, entry))
+    ]
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        problems.append("'__metadata__' is not an object")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise WeightsError(f"{path} has a malformed header: {'; '.join(problems[:5])}{more}; {how}")
+    return header
 
 
 @contextlib.contextmanager
@@ -123,18 +193,31 @@ def _move_into_place(tmp: Path, output: Path, before: tuple[int, int, int] | Non
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary name in the same folder, then rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write one file through ``write(tmp)``, a temporary path beside it, renamed over ``path``
+    only once ``write`` returns: a crash never leaves a partial ``path``.
+
+    ``tmp`` keeps ``path``'s suffix (``mx.save_safetensors`` and ``savefig`` go by it) and does
+    not exist yet, so the file gets the umask's mode, as a plain write would.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e, path) from e
         raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _array_bytes(a: mx.array) -> bytes:
@@ -160,7 +243,7 @@ class _Shard:
     def add(self, name: str, a: mx.array) -> int:
         data = _array_bytes(a)
         self.header[name] = {
-            "dtype": _ST_DTYPES[a.dtype],
+            "dtype": safetensors_tag(a.dtype),
             "shape": list(a.shape),
             "data_offsets": [self.size, self.size + len(data)],
         }

@@ -4,9 +4,9 @@ The loop itself is mlx-lm's (``mlx_lm.generate.stream_generate`` over ``generate
 ``speculative_generate_step``, with its samplers, logits processors and KV caches); this module
 adds what OpenELM users need on top: option checks with actionable errors, chat-template prompts
 (``build_prompt``), stop strings that are never partly printed, a seed, quantized KV caches that
-actually switch on within OpenELM's 2048-token context, and draft-model checks. The option
-defaults, ``validate_options`` and ``StopMatcher`` live in :mod:`mlx_openelm.generate_options`
-and are re-exported here.
+actually switch on within OpenELM's 2048-token context, and draft-model checks. The options
+(:class:`GenerationOptions`, their defaults and checks) and ``StopMatcher`` live in
+:mod:`mlx_openelm.generate_options` and are re-exported here.
 
     model, tokenizer = mlx_openelm.load("apple/OpenELM-270M-Instruct")
     ids = build_prompt(tokenizer, "Name three fruits.")
@@ -28,18 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import GenerationError, ModelNotFoundError, OpenELMWarning
-from .generate_options import (  # re-exported: the CLI and the server import them from here
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_P,
-    DEFAULT_NUM_DRAFT,
-    DEFAULT_REPETITION_CONTEXT,
-    DEFAULT_TEMP,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    KV_BITS,  # noqa: F401 - public constant, re-exported
-    StopMatcher,
-    validate_options,
-)
+from .generate_options import GenerationOptions, StopMatcher  # re-exported
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
@@ -48,13 +37,13 @@ if TYPE_CHECKING:
 # transformers), and ``import mlx_openelm`` (hence every CLI command) imports this module.
 
 __all__ = [
+    "GenerationOptions",
     "StopMatcher",
     "build_prompt",
     "generate",
     "load_for_generation",
     "make_cache",
     "stream_generate",
-    "validate_options",
 ]
 
 
@@ -63,12 +52,16 @@ def vocab_size(model: nn.Module) -> int:
     return int(model.args.vocab_size)
 
 
-def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
-    """A draft model must score the same vocabulary as the model.
+def check_draft_model(
+    model: nn.Module, draft_model: nn.Module, options: GenerationOptions | None = None
+) -> None:
+    """A draft model must score the same vocabulary as the model (and fit the ``options``).
 
     Raises:
-        GenerationError: the vocabularies differ.
+        GenerationError: the vocabularies differ, or an option does not work with a draft model.
     """
+    if options is not None:
+        options.check_with_draft()
     ours, theirs = vocab_size(model), vocab_size(draft_model)
     if ours != theirs:
         raise GenerationError(
@@ -194,24 +187,13 @@ def stream_generate(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[int] | mx.array,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = None,
     *,
-    temp: float = DEFAULT_TEMP,
-    top_p: float = DEFAULT_TOP_P,
-    top_k: int = DEFAULT_TOP_K,
-    min_p: float = DEFAULT_MIN_P,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    options: GenerationOptions | None = None,
     draft_model: nn.Module | None = None,
-    num_draft_tokens: int = DEFAULT_NUM_DRAFT,
     prompt_cache: list[Any] | None = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    **option_keywords: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token; the call shape of ``mlx_lm.stream_generate``.
 
@@ -220,22 +202,17 @@ def stream_generate(
         tokenizer: ``mlx_openelm.tokenizer.Tokenizer`` (or an mlx-lm tokenizer).
         prompt: text (BOS is added unless present; no chat template, see ``build_prompt``) or
             token ids, used as they are.
-        max_tokens: the most tokens to generate.
-        temp, top_p, top_k, min_p: sampling (``temp=0`` is greedy; mlx-lm's ``make_sampler``).
-        repetition_penalty, repetition_context_size: mlx-lm's repetition logits processor.
-        seed: seeds MLX's random generator first, for reproducible sampling.
-        stop: strings that end generation; the text stops before the first one, and text that
-            might be the start of one is held back until it is known not to be.
-        max_kv_size: keep at most this many tokens in a rotating KV cache.
-        kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache once it holds
-            ``quantized_kv_start`` tokens (0: from the start; mlx-lm's default of 5000 is never
-            reached in OpenELM's 2048-token context).
+        max_tokens: the most tokens to generate (overrides ``options.max_tokens``).
+        options: how to generate (:class:`GenerationOptions`; default: its defaults). Stop
+            strings end generation before the first one, and text that might be the start of
+            one is held back until it is known not to be.
         draft_model: a smaller model with the same vocabulary for speculative decoding;
             greedy output is unchanged, ``response.from_draft`` marks accepted draft tokens.
-        num_draft_tokens: tokens the draft model proposes per step.
         prompt_cache: a cache from ``make_cache`` to extend in place (multi-turn reuse); it then
             holds the prompt and every generated token, EOS included.
         prompt_progress_callback: ``(processed, total)`` during prefill (not with a draft model).
+        **option_keywords: :class:`GenerationOptions` fields (``temp=0.7``, ``stop=[...]``)
+            applied over ``options``: the keyword form of the same call.
 
     Yields:
         ``mlx_lm.generate.GenerationResponse`` per generated token: ``text`` (the new piece, may
@@ -247,53 +224,35 @@ def stream_generate(
         GenerationError: an option out of range, an empty prompt or a mismatched draft model.
     """
     from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    validate_options(
-        max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        max_kv_size=max_kv_size,
-        kv_bits=kv_bits,
-        num_draft_tokens=num_draft_tokens,
-        stop=stop,
-    )
-    check_kv_bits(model, kv_bits, kv_group_size)
+    if max_tokens is not None:
+        option_keywords["max_tokens"] = max_tokens
+    opts = GenerationOptions.of(options, **option_keywords).validate()
+    check_kv_bits(model, opts.kv_bits, opts.kv_group_size)
     if draft_model is not None:
-        check_kv_bits(draft_model, kv_bits, kv_group_size)
+        check_kv_bits(draft_model, opts.kv_bits, opts.kv_group_size)
     ids = _prompt_ids(tokenizer, prompt)
-    options: dict[str, Any] = {
-        "sampler": make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k),
-        "logits_processors": make_logits_processors(
-            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
-        ),
+    kwargs: dict[str, Any] = {
+        "sampler": opts.sampler(),
+        "logits_processors": opts.logits_processors(),
         "prompt_cache": prompt_cache,
-        "kv_bits": kv_bits,
-        "kv_group_size": kv_group_size,
-        "quantized_kv_start": quantized_kv_start,
+        "kv_bits": opts.kv_bits,
+        "kv_group_size": opts.kv_group_size,
+        "quantized_kv_start": opts.quantized_kv_start,
     }
     if draft_model is None:
-        options.update(max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback)
+        kwargs.update(
+            max_kv_size=opts.max_kv_size, prompt_progress_callback=prompt_progress_callback
+        )
     else:
-        check_draft_model(model, draft_model)
-        if max_kv_size is not None:
-            raise GenerationError(
-                "max_kv_size (--max-kv-size) cannot be combined with a draft model: speculative "
-                "decoding rewinds the cache, which a rotating cache cannot do; drop one of them"
-            )
-        options["num_draft_tokens"] = num_draft_tokens
-    if seed is not None:
-        mx.random.seed(seed)
-    yield from _with_stops(
-        mlx_lm_stream_generate(
-            model, _for_mlx_lm(tokenizer), ids, max_tokens, draft_model=draft_model, **options
-        ),
-        StopMatcher(stop or ()),
+        check_draft_model(model, draft_model, opts)
+        kwargs["num_draft_tokens"] = opts.num_draft_tokens
+    if opts.seed is not None:
+        mx.random.seed(opts.seed)
+    responses = mlx_lm_stream_generate(
+        model, _for_mlx_lm(tokenizer), ids, opts.max_tokens, draft_model=draft_model, **kwargs
     )
+    yield from _with_stops(responses, StopMatcher(opts.stop))
 
 
 def _with_stops(
@@ -316,7 +275,7 @@ def generate(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[int] | mx.array,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = None,
     **sampling: Any,
 ) -> str:
     """The whole generated text; same arguments as :func:`stream_generate`."""

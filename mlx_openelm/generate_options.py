@@ -1,16 +1,21 @@
-"""Generation options: their defaults, their validation, and stop strings.
+"""Generation options: one frozen :class:`GenerationOptions` with its defaults and checks.
 
-The defaults live here once; the CLI's option defaults and :func:`~.generate.stream_generate`
-read them. :func:`validate_options` checks every option with an actionable message, and
-:class:`StopMatcher` cuts streamed text at stop strings without ever showing part of one. Pure
-Python (no MLX or mlx-lm import), so it is cheap to import; :mod:`mlx_openelm.generate`
-re-exports all of it.
+What the CLI builds from its flags, what :class:`~.chat.ChatSession` holds, what the server
+parses a request into and what :func:`~.generate.stream_generate` takes. Each option is one
+field with its default here, one rule in ``_RULES`` (a range with the text that explains it) and,
+when it shapes decoding, one line in :meth:`GenerationOptions.sampler` or
+:meth:`GenerationOptions.logits_processors`. :class:`StopMatcher` cuts streamed text at stop
+strings without ever showing part of one. No MLX or mlx-lm import at module level, so it is
+cheap to import; :mod:`mlx_openelm.generate` re-exports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import GenerationError
 
@@ -22,12 +27,13 @@ __all__ = [
     "DEFAULT_TEMP",
     "DEFAULT_TOP_K",
     "DEFAULT_TOP_P",
+    "FLAGS",
     "KV_BITS",
+    "GenerationOptions",
     "StopMatcher",
-    "validate_options",
 ]
 
-# Defaults in one place: the CLI's option defaults read these.
+# Defaults in one place: GenerationOptions' fields and the CLI's option defaults read these.
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
@@ -35,66 +41,161 @@ DEFAULT_TOP_K = 0
 DEFAULT_MIN_P = 0.0
 DEFAULT_REPETITION_CONTEXT = 20
 DEFAULT_NUM_DRAFT = 3
+DEFAULT_KV_GROUP_SIZE = 64
 KV_BITS = (2, 3, 4, 5, 6, 8)
 
+# The CLI flag of each option, for error messages.
+FLAGS = {
+    "max_tokens": "--max-tokens",
+    "temp": "--temp",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "repetition_context_size": "--repetition-context-size",
+    "max_kv_size": "--max-kv-size",
+    "kv_bits": "--kv-bits",
+    "num_draft_tokens": "--num-draft",
+    "stop": "--stop",
+}
 
-def validate_options(
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    temp: float = DEFAULT_TEMP,
-    top_p: float = DEFAULT_TOP_P,
-    top_k: int = DEFAULT_TOP_K,
-    min_p: float = DEFAULT_MIN_P,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    num_draft_tokens: int = DEFAULT_NUM_DRAFT,
-    stop: Sequence[str] | None = None,
-) -> None:
-    """Check generation options; each problem names the option, the value and a valid range.
 
-    Raises:
-        GenerationError: the first option that is out of range.
+def _finite_at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and v >= low
+
+
+# field -> (is the value valid, what valid means, a hint for the CLI). None is valid for the
+# optional fields (repetition_penalty, max_kv_size, kv_bits) and is never passed to a rule.
+_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "max_tokens": (lambda v: v > 0, "a positive integer", ""),
+    "temp": (_finite_at_least(0), ">= 0", "(0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "(1 = off)"),
+    "top_k": (lambda v: v >= 0, ">= 0", "(0 = off)"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]", "(0 = off)"),
+    "repetition_penalty": (
+        lambda v: math.isfinite(v) and v > 0,
+        "> 0",
+        "(1 = off; 1.1-1.3 discourages repeats)",
+    ),
+    "repetition_context_size": (lambda v: v > 0, "a positive integer", ""),
+    "max_kv_size": (lambda v: v > 0, "> 0", ""),
+    "kv_bits": (lambda v: v in KV_BITS, f"one of {KV_BITS}", ""),
+    "kv_group_size": (lambda v: v > 0, "> 0", ""),
+    "quantized_kv_start": (lambda v: v >= 0, ">= 0", ""),
+    "num_draft_tokens": (lambda v: v > 0, "> 0", ""),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """How to generate: length, sampling, repetition penalty, stop strings, KV cache, drafting.
+
+    Args:
+        max_tokens: the most tokens to generate.
+        temp, top_p, top_k, min_p: sampling (``temp=0`` is greedy; mlx-lm's ``make_sampler``).
+        repetition_penalty, repetition_context_size: mlx-lm's repetition logits processor.
+        seed: seeds MLX's random generator first, for reproducible sampling.
+        stop: strings that end generation (kept as a tuple).
+        max_kv_size: keep at most this many tokens in a rotating KV cache.
+        kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache once it holds
+            ``quantized_kv_start`` tokens (0: from the start; mlx-lm's default of 5000 is never
+            reached in OpenELM's 2048-token context).
+        num_draft_tokens: tokens a draft model proposes per step (speculative decoding).
     """
-    checks = [
-        (max_tokens > 0, "max_tokens (--max-tokens)", max_tokens, "a positive integer"),
-        (math.isfinite(temp) and temp >= 0, "temp (--temp)", temp, ">= 0 (0 = greedy)"),
-        (0 < top_p <= 1, "top_p (--top-p)", top_p, "in (0, 1] (1 = off)"),
-        (top_k >= 0, "top_k (--top-k)", top_k, ">= 0 (0 = off)"),
-        (0 <= min_p <= 1, "min_p (--min-p)", min_p, "in [0, 1] (0 = off)"),
-        (
-            repetition_penalty is None or repetition_penalty > 0,
-            "repetition_penalty (--repetition-penalty)",
-            repetition_penalty,
-            "> 0 (1 = off; 1.1-1.3 discourages repeats)",
-        ),
-        (
-            repetition_context_size > 0,
-            "repetition_context_size (--repetition-context-size)",
-            repetition_context_size,
-            "a positive integer",
-        ),
-        (max_kv_size is None or max_kv_size > 0, "max_kv_size (--max-kv-size)", max_kv_size, "> 0"),
-        (
-            kv_bits is None or kv_bits in KV_BITS,
-            "kv_bits (--kv-bits)",
-            kv_bits,
-            f"one of {KV_BITS}",
-        ),
-        (num_draft_tokens > 0, "num_draft_tokens (--num-draft)", num_draft_tokens, "> 0"),
-    ]
-    for ok, name, value, valid in checks:
-        if not ok:
-            raise GenerationError(f"{name} must be {valid}, got {value!r}")
-    if kv_bits is not None and max_kv_size is not None:
-        raise GenerationError(
-            "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
-            "cannot quantize a rotating cache; drop one of them"
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temp: float = DEFAULT_TEMP
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    repetition_penalty: float | None = None
+    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = 0
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT
+
+    def __post_init__(self) -> None:
+        # A list (from Typer or JSON) becomes a tuple, so options stay hashable and unshared.
+        stop = () if self.stop is None else self.stop
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
+
+    @classmethod
+    def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
+        """``options`` (default: all defaults) with ``changes`` applied (keyword-form callers).
+
+        Raises:
+            TypeError: a keyword that is not an option.
+        """
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def replace(self, **changes: Any) -> GenerationOptions:
+        return dataclasses.replace(self, **changes)
+
+    def out_of_range(self) -> tuple[str, str, str] | None:
+        """The first option out of range as ``(field, what valid means, hint)``, or None.
+
+        The server words its own message from this (with its request field names); the range
+        itself is written once, here.
+        """
+        for name, (ok, valid, hint) in _RULES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                return name, valid, hint
+        return None
+
+    def validate(self) -> GenerationOptions:
+        """Check every option with an actionable message; returns ``self`` for chaining.
+
+        Raises:
+            GenerationError: the first option out of range, or options that cannot combine.
+        """
+        bad = self.out_of_range()
+        if bad is not None:
+            name, valid, hint = bad
+            flag = f" ({FLAGS[name]})" if name in FLAGS else ""
+            must = f"{valid} {hint}" if hint else valid
+            raise GenerationError(f"{name}{flag} must be {must}, got {getattr(self, name)!r}")
+        if self.kv_bits is not None and self.max_kv_size is not None:
+            raise GenerationError(
+                "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
+                "cannot quantize a rotating cache; drop one of them"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
+        return self
+
+    def check_with_draft(self) -> None:
+        """The options a draft model cannot work with.
+
+        Raises:
+            GenerationError: a rotating cache (``max_kv_size``) with speculative decoding.
+        """
+        if self.max_kv_size is not None:
+            raise GenerationError(
+                "max_kv_size (--max-kv-size) cannot be combined with a draft model: speculative "
+                "decoding rewinds the cache, which a rotating cache cannot do; drop one of them"
+            )
+
+    def sampler(self) -> Callable[[Any], Any]:
+        """mlx-lm's sampler for these options (``temp=0``: argmax)."""
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self) -> list[Callable[[Any, Any], Any]]:
+        """mlx-lm's logits processors for these options (empty when none is on)."""
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
         )
-    for s in stop or ():
-        if not isinstance(s, str) or not s:
-            raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
 
 
 class StopMatcher:

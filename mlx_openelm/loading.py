@@ -21,9 +21,8 @@ from .config import ModelArgs
 from .config_check import check_fits_memory
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
 from .jsonio import read_json
+from .mismatch import first_names, tensor_mismatches
 from .model import Model
-
-_LIST_LIMIT = 12
 
 
 def cache_root() -> Path:
@@ -99,32 +98,15 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
-def _fmt(items: list[str]) -> str:
-    more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return ", ".join(items[:_LIST_LIMIT]) + more
-
-
 def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
     """Compare ``weights`` with the model's parameters; raise once listing every mismatch.
 
     Raises:
         WeightsError: missing, unexpected or mis-shaped tensors (all of them named).
     """
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    shapes = [
-        f"{k} (expected {tuple(v.shape)}, got {tuple(weights[k].shape)})"
-        for k, v in expected.items()
-        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_fmt(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} tensor(s): {_fmt(extra)}")
-    if shapes:
-        problems.append(f"shape mismatch: {_fmt(shapes)}")
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    found = {k: v.shape for k, v in weights.items()}
+    problems = tensor_mismatches(expected, found, names=first_names)
     if problems:
         raise WeightsError(
             f"weights in {where} do not match the config: "

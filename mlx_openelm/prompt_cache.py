@@ -21,18 +21,27 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from .generate import make_cache
+from .tokenizer import common_prefix_length
 
-__all__ = ["CacheStats", "PrefixCache", "common_prefix_length"]
+__all__ = ["CacheStats", "PrefixCache", "common_prefix_length", "reuse_prefix"]
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def reuse_prefix(cache: list[Any] | None, held: Sequence[int], ids: Sequence[int]) -> int:
+    """Trim ``cache`` (which holds ``held``) in place to its longest common prefix with the
+    prompt ``ids``; how many of ``ids`` it now holds, 0 when it cannot be reused.
+
+    At least the last prompt token is always left to run, since generation starts from its
+    logits. A cache that needs trimming but cannot be trimmed (a rotating cache that has wrapped
+    around) is not reusable; one that needs no trimming always is.
+    """
+    reuse = min(common_prefix_length(held, ids), len(ids) - 1)
+    if cache is None or reuse <= 0:
+        return 0
+    if reuse < len(held):
+        if not can_trim_prompt_cache(cache):
+            return 0
+        trim_prompt_cache(cache, len(held) - reuse)
+    return reuse
 
 
 @dataclass
@@ -67,16 +76,15 @@ class PrefixCache:
     def take(self, ids: Sequence[int]) -> tuple[list[Any], int]:
         """A cache for a prompt of ``ids`` and how many of them it already holds.
 
-        At least the last prompt token is always left to run, since generation starts from its
-        logits. The kept cache is handed over (trimmed in place); give it back with :meth:`put`.
+        The kept cache is handed over (trimmed in place, see :func:`reuse_prefix`); give it back
+        with :meth:`put`.
         """
         cache, held = self._cache, self._tokens
         self.clear()
-        reuse = min(common_prefix_length(held, ids), len(ids) - 1)
-        if cache is None or reuse <= 0 or not can_trim_prompt_cache(cache):
+        reuse = reuse_prefix(cache, held, ids)
+        if reuse == 0:
             self.stats.misses += 1
             return make_cache(self.model), 0
-        trim_prompt_cache(cache, len(held) - reuse)
         self.stats.hits += 1
         self.stats.reused_tokens += reuse
         return cache, reuse

@@ -28,7 +28,7 @@ import jinja2.ext
 import sentencepiece as spm
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mlx_openelm.detokenizer import _SPECIAL, StreamingDetokenizer, _piece_table
+from mlx_openelm.detokenizer import SPECIAL, StreamingDetokenizer, piece_table
 from mlx_openelm.errors import TokenizerError
 from mlx_openelm.jsonio import read_json
 
@@ -60,6 +60,16 @@ ZEPHYR_CHAT_TEMPLATE = (
     "{% endif %}\n"
     "{% endfor %}"
 )
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Tokenizer:
@@ -102,9 +112,9 @@ class Tokenizer:
         )
         self.bos_token_id, self.eos_token_id = self.bos_id, self.eos_id
         self.eos_token_ids = {self.eos_id}
-        self._pieces = _piece_table(self._sp)
+        self.pieces = piece_table(self._sp)  # (kind, text, byte) per id, for the detokenizer
         self._special_ids = {
-            text: i for i, (kind, text, _) in enumerate(self._pieces) if kind == _SPECIAL
+            text: i for i, (kind, text, _) in enumerate(self.pieces) if kind == SPECIAL
         }
         # Longest first, so that no special string matches inside a longer one.
         alternatives = sorted(self._special_ids, key=len, reverse=True)

@@ -66,3 +66,16 @@ def llama2_tokenizer() -> Path:
     if not LLAMA2_TOKENIZER.is_file():
         pytest.skip(f"real Llama-2 tokenizer not at {LLAMA2_TOKENIZER} (../shared absent)")
     return LLAMA2_TOKENIZER
+
+
+def one_error_line(result: Any, *fragments: str) -> str:
+    """Assert a CLI run failed as the house rule says: exit code 1 and exactly one line, on
+    stderr, starting with ``Error:`` (no traceback, no blank line from an empty progress
+    display), containing every fragment; return that line."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == "", result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

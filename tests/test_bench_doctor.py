@@ -20,11 +20,11 @@ from mlx_openelm.bench import (
     BenchReport,
     BenchRow,
     Trial,
-    _no_eos,
     bench,
     format_bench,
     kv_bytes,
     measure_bandwidth,
+    no_eos,
     random_prompt,
     weight_bytes,
 )
@@ -64,7 +64,7 @@ def test_random_prompt_is_reproducible_and_in_range():
 
 
 def test_no_eos_wrapper(tiny_model_dir):
-    wrapper = _no_eos(Tokenizer.from_folder(tiny_model_dir))
+    wrapper = no_eos(Tokenizer.from_folder(tiny_model_dir))
     assert set(wrapper.eos_token_ids) == set()
 
 
@@ -103,8 +103,22 @@ def test_bench_library_runs_both_rows(tiny_model_dir):
 
 
 def test_decode_limit_and_table():
-    row = BenchRow(OUR_ROW, [Trial(100.0, 10.0, 1.0, 8), Trial(300.0, 30.0, 1.0, 8)])
-    report = BenchReport("m", 16, 8, 2_000_000_000, 2_500_000_000, 50.0, [row])
+    row = BenchRow(
+        name=OUR_ROW,
+        trials=[
+            Trial(prompt_tps=100.0, generation_tps=10.0, peak_memory_gb=1.0, generated=8),
+            Trial(prompt_tps=300.0, generation_tps=30.0, peak_memory_gb=1.0, generated=8),
+        ],
+    )
+    report = BenchReport(
+        model="m",
+        prompt_tokens=16,
+        generation_tokens=8,
+        weight_bytes=2_000_000_000,
+        bytes_per_token=2_500_000_000,
+        bandwidth_gbs=50.0,
+        rows=[row],
+    )
     assert report.decode_limit_tps == pytest.approx(20.0)
     s = row.summary()
     assert s["prompt_tps"] == 200.0 and s["prompt_tps_std"] == pytest.approx(

@@ -14,7 +14,8 @@ from conftest import make_model_dir
 from typer.testing import CliRunner
 
 import mlx_openelm
-from mlx_openelm.chat import ChatSession, run_repl
+from mlx_openelm.chat import ChatSession
+from mlx_openelm.chat_repl import run_repl
 from mlx_openelm.cli import app
 from mlx_openelm.errors import DataError, GenerationError
 

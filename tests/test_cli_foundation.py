@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,10 +24,21 @@ def test_version():
     assert result.output.strip() == f"mlx-openelm {__version__}"
 
 
+COMMANDS = ["info", "convert", "generate", "chat", "lora", "fuse", "export-peft", "import-peft",
+            "plot", "bench", "doctor", "serve", "eval"]  # fmt: skip
+
+
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "info" in result.output
+    panel = result.output.split("Commands")[1]
+    rows = re.findall(r"^│ (\S+) +(\S.*?) *│$", panel, flags=re.MULTILINE)
+    # Every command, in --help order, each with the first words of its help text beside it.
+    assert [name for name, _ in rows] == COMMANDS
+    described = dict(rows)
+    assert described["generate"].startswith("Generate text for a prompt")
+    assert described["serve"].startswith("Serve an OpenAI-compatible API")
+    assert "--debug" in result.output and "--version" in result.output
 
 
 def _commands(command, path=()):

@@ -82,7 +82,7 @@ def test_default_dtype_is_float16_and_loads(tmp_path, tiny_spm, tiny):
     src = write_hf_safetensors(tmp_path / "src", cfg, weights)
     result = convert(src, tmp_path / "out", tokenizer=tiny_spm)
     assert result.dtype == "float16"
-    from mlx_openelm.info import safetensors_header
+    from mlx_openelm.folder import safetensors_header
 
     header = safetensors_header(tmp_path / "out" / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}

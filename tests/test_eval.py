@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model_dir
+from conftest import make_model_dir, one_error_line
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
@@ -318,13 +318,6 @@ def test_choice_errors(tiny):
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def _one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.splitlines()  # no blank line either (an empty progress display)
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
-
-
 def test_cli_perplexity_text_and_json(tiny, tmp_path):
     folder, model, tok, _ = tiny
     data = tmp_path / "wiki.txt"
@@ -373,14 +366,14 @@ def test_cli_perplexity_bad_inputs(tiny, tmp_path, content, extra, match):
     if content is not None:
         data.write_text(content)
     cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data), *extra]
-    assert match in _one_error_line(runner.invoke(app, cmd))
+    assert match in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_perplexity_malformed_jsonl(tiny, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "broken"\n')
     cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data)]
-    assert f"{data}:2: malformed JSON" in _one_error_line(runner.invoke(app, cmd))
+    assert f"{data}:2: malformed JSON" in one_error_line(runner.invoke(app, cmd))
 
 
 @pytest.mark.parametrize(
@@ -394,12 +387,12 @@ def test_cli_choice_bad_inputs(tiny, tmp_path, line, match):
     tasks = tmp_path / "t.jsonl"
     tasks.write_text(line + "\n")
     cmd = ["eval", "choice", "-m", str(tiny[0]), "--tasks", str(tasks)]
-    assert f"{tasks}{match}" in _one_error_line(runner.invoke(app, cmd))
+    assert f"{tasks}{match}" in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_eval_missing_model(tmp_path):
     cmd = ["eval", "choice", "-m", str(tmp_path / "nope"), "--tasks", str(EXAMPLE_TASKS)]
-    assert "not found" in _one_error_line(runner.invoke(app, cmd))
+    assert "not found" in one_error_line(runner.invoke(app, cmd))
 
 
 def test_cli_perplexity_applies_the_adapter(tiny, tmp_path):

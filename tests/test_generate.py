@@ -8,13 +8,14 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model_dir
+from conftest import make_model_dir, one_error_line
 from typer.testing import CliRunner
 
 import mlx_openelm
 from mlx_openelm.cli import app
 from mlx_openelm.errors import GenerationError
-from mlx_openelm.generate import StopMatcher, build_prompt, stream_generate
+from mlx_openelm.generate import GenerationOptions, StopMatcher, build_prompt, stream_generate
+from mlx_openelm.serve.schema import parse_request
 
 import openelm_ref
 
@@ -146,6 +147,12 @@ def test_seeded_sampling_is_reproducible(inst):
     ids = build_prompt(tok, PROMPT)
     runs = [mlx_openelm.generate(model, tok, ids, 16, temp=3.0, top_k=50, seed=11) for _ in "ab"]
     assert runs[0] == runs[1]
+    # ...and it is sampling: other seeds give other text, and none of them is the greedy one.
+    others = {
+        mlx_openelm.generate(model, tok, ids, 16, temp=3.0, top_k=50, seed=s) for s in (12, 13)
+    }
+    assert runs[0] not in others and len(others) == 2
+    assert mlx_openelm.generate(model, tok, ids, 16) not in {runs[0], *others}
 
 
 def test_text_prompt_and_cache_options(inst):
@@ -156,6 +163,34 @@ def test_text_prompt_and_cache_options(inst):
     assert mlx_openelm.generate(model, tok, ids, 10, max_kv_size=64) == plain  # never rotates
     responses = list(stream_generate(model, tok, ids, 10, repetition_penalty=1.3))
     assert len(responses) == 10 and responses[-1].finish_reason == "length"
+
+
+def test_options_object_and_keywords_are_one_shape(inst):
+    model, tok = inst
+    ids = tok.encode(PROMPT)
+    options = GenerationOptions(max_tokens=12, temp=5.0, top_k=40, seed=7, stop=["zz"])
+    assert options.stop == ("zz",)  # frozen and hashable: lists become tuples
+    by_object = [r.token for r in stream_generate(model, tok, ids, options=options)]
+    by_keywords = [
+        r.token
+        for r in stream_generate(model, tok, ids, 12, temp=5.0, top_k=40, seed=7, stop=["zz"])
+    ]
+    assert by_object == by_keywords
+    other_seed = [r.token for r in stream_generate(model, tok, ids, options=options, seed=8)]
+    assert other_seed != by_object  # keywords apply over the object
+    with pytest.raises(TypeError):
+        GenerationOptions.of(options, temperature=1.0)  # not a field: no silent typo
+
+
+def test_server_requests_take_the_servers_option_defaults():
+    defaults = GenerationOptions(max_tokens=9, temp=0.5, repetition_context_size=7, stop=["x"])
+    hi = [{"role": "user", "content": "hi"}]
+    req = parse_request({"messages": hi}, chat=True, defaults=defaults)
+    assert req.options == defaults and req.max_tokens is None
+    req = parse_request(
+        {"messages": hi, "temperature": 1, "stop": "y"}, chat=True, defaults=defaults
+    )
+    assert req.options == defaults.replace(temp=1.0, stop=("y",))
 
 
 def test_quantized_kv_cache(tiny_spm, tmp_path):
@@ -186,15 +221,6 @@ def test_bad_options_raise(inst, option, message):
         list(stream_generate(model, tok, [1, 5], **{"max_tokens": 4, **option}))
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -205,23 +231,23 @@ def assert_one_line_error(result, *fragments: str) -> None:
     ],
 )
 def test_cli_bad_sampling_values(dirs, args, fragment):
-    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
+    one_error_line(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
 
 
 def test_cli_bad_models(dirs, tmp_path):
     missing = tmp_path / "nowhere"
-    assert_one_line_error(cli("-m", str(missing), "-p", "hi"), "not found")
-    assert_one_line_error(cli("-m", str(tmp_path), "-p", "hi"), "no config.json")
+    one_error_line(cli("-m", str(missing), "-p", "hi"), "not found")
+    one_error_line(cli("-m", str(tmp_path), "-p", "hi"), "no config.json")
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
-    assert_one_line_error(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
+    one_error_line(cli("-m", str(llama), "-p", "hi"), "'llama'", "OpenELM")
     bad = cli("-m", str(dirs["inst"]), "-p", "hi", "--draft-model", str(dirs["bad_draft"]))
-    assert_one_line_error(bad, "512-token vocabulary", "400")
+    one_error_line(bad, "512-token vocabulary", "400")
     not_adapters = cli("-m", str(dirs["inst"]), "-p", "hi", "--adapter", str(tmp_path))
-    assert_one_line_error(not_adapters, "is not an adapter folder")
-    assert_one_line_error(cli("-m", str(dirs["inst"])), "--prompt")
-    assert_one_line_error(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
+    one_error_line(not_adapters, "is not an adapter folder")
+    one_error_line(cli("-m", str(dirs["inst"])), "--prompt")
+    one_error_line(cli("-m", str(dirs["inst"]), "-p", "-", input="\n"), "empty")
 
 
 def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
@@ -233,7 +259,7 @@ def test_cli_offline_repo_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     result = cli("-m", "apple/OpenELM-270M-Instruct", "-p", "hi")
-    assert_one_line_error(result, "apple/OpenELM-270M-Instruct", "cache")
+    one_error_line(result, "apple/OpenELM-270M-Instruct", "cache")
     assert not (tmp_path / "home" / "models" / "apple--OpenELM-270M-Instruct").exists()
 
 

@@ -64,7 +64,9 @@ def test_mlx_lm_loads_our_adapters(tiny_model_dir, lora_dir):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_fused_logits_equal_base_plus_adapter(tiny_model_dir, tmp_path, kind):
-    adapter = make_adapters(tiny_model_dir, tmp_path / "a", AdapterSpec(kind, rank=4, alpha=8))
+    adapter = make_adapters(
+        tiny_model_dir, tmp_path / "a", AdapterSpec(fine_tune_type=kind, rank=4, alpha=8)
+    )
     result = fuse(tiny_model_dir, adapter, tmp_path / "fused")
     assert result.warning is None and not result.quantized
     assert result.fused_layers == 16  # 4 layers × 4 targets
@@ -78,7 +80,9 @@ def test_fused_logits_equal_base_plus_adapter(tiny_model_dir, tmp_path, kind):
 
 
 def test_fuse_full_fine_tune(tiny_model_dir, tmp_path):
-    adapter = make_adapters(tiny_model_dir, tmp_path / "a", AdapterSpec("full", num_layers=1))
+    adapter = make_adapters(
+        tiny_model_dir, tmp_path / "a", AdapterSpec(fine_tune_type="full", num_layers=1)
+    )
     fuse(tiny_model_dir, adapter, tmp_path / "fused")
     with_adapter, _ = load(tiny_model_dir, adapter_path=adapter)
     assert rel_err(logits(load(tmp_path / "fused")[0]), logits(with_adapter)) < 1e-6
@@ -154,7 +158,9 @@ def test_peft_round_trip_and_semantics(tiny_model_dir, lora_dir, tmp_path):
 
 
 def test_peft_dora_round_trip(tiny_model_dir, tmp_path):
-    dora = make_adapters(tiny_model_dir, tmp_path / "d", AdapterSpec("dora", rank=2, alpha=2))
+    dora = make_adapters(
+        tiny_model_dir, tmp_path / "d", AdapterSpec(fine_tune_type="dora", rank=2, alpha=2)
+    )
     peft_dir = export_peft(dora, tmp_path / "peft")
     assert json.loads((peft_dir / "adapter_config.json").read_text())["use_dora"] is True
     names = mx.load(str(peft_dir / "adapter_model.safetensors"))
@@ -165,7 +171,9 @@ def test_peft_dora_round_trip(tiny_model_dir, tmp_path):
 
 
 def test_peft_rejects_what_it_cannot_map(tiny_model_dir, lora_dir, tmp_path):
-    full = make_adapters(tiny_model_dir, tmp_path / "f", AdapterSpec("full", num_layers=1))
+    full = make_adapters(
+        tiny_model_dir, tmp_path / "f", AdapterSpec(fine_tune_type="full", num_layers=1)
+    )
     with pytest.raises(AdapterError, match="full fine-tune"):
         export_peft(full, tmp_path / "x")
     peft_dir = export_peft(lora_dir, tmp_path / "peft")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
-from conftest import make_model_dir
+import sentencepiece as spm
+from conftest import make_model_dir, one_error_line
 from lora_helpers import text_data
 from typer.testing import CliRunner
 
@@ -21,6 +23,9 @@ FAST = ["--iters", "4", "--batch-size", "2", "--max-seq-len", "64", "--val-every
         "--save-every", "2", "--lr", "1e-3"]  # fmt: skip
 
 
+MAX_SEQ_LEN = 128  # the trained fixture's: longer than its longest example
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return text_data(tmp_path_factory.mktemp("data"), n_train=24, n_valid=6, n_test=4)
@@ -30,7 +35,9 @@ def data_dir(tmp_path_factory) -> Path:
 def trained(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "adapters"
     args = ["lora", "-m", str(tiny_model_dir), "--data", str(data_dir), "-o", str(out)]
-    result = runner.invoke(app, [*args, *FAST, "--test", "--plot"])
+    result = runner.invoke(
+        app, [*args, *FAST, "--max-seq-len", str(MAX_SEQ_LEN), "--test", "--plot"]
+    )
     assert result.exit_code == 0, result.output
     assert "test loss" in result.output and "Trained 4 steps" in result.output
     return out
@@ -38,14 +45,6 @@ def trained(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
 
 def lora(model: Path, *args: str):
     return runner.invoke(app, ["lora", "-m", str(model), *FAST, *args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.splitlines()  # no blank line either (an empty progress display)
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error:") and "Traceback" not in result.output
-    return lines[0]
 
 
 def read_png(path: Path) -> tuple[int, int, bytes]:
@@ -77,14 +76,24 @@ def test_lora_writes_the_adapter_folder(trained):
     assert bytes([31, 119, 180]) in raw  # the train curve's colour was drawn
 
 
-def test_rows_are_packed_to_the_longest_example(trained):
+def test_rows_are_packed_to_the_longest_example(trained, data_dir, tiny_model_dir):
+    # The fixture trains under --max-seq-len 128: the longest example decides the row length,
+    # rounded up to a multiple of 32, not --max-seq-len. Counted here with SentencePiece
+    # itself: an example's inputs are BOS + its text's pieces (EOS is only ever a target).
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    texts = [
+        json.loads(line)["text"]
+        for line in (data_dir / "train.jsonl").read_text().split("\n")
+        if line
+    ]
+    longest = max(1 + len(sp.encode(t)) for t in texts)
+    expected = -(-longest // 32) * 32
+    assert expected not in (64, MAX_SEQ_LEN)  # the data can tell the rule from either limit
     config = json.loads((trained / "adapter_config.json").read_text())
-    # 4-24 words of tiny-tokenizer text: the longest example decides (rounded up to 32), not
-    # --max-seq-len 64, unless that is shorter.
     assert config["training"]["pack"] is True
-    assert config["training"]["pack_length"] in (32, 64)
+    assert config["training"]["pack_length"] == expected
     state = json.loads((trained / "checkpoint" / "state.json").read_text())
-    assert state["identity"]["hyperparameters"]["pack_length"] == config["training"]["pack_length"]
+    assert state["identity"]["hyperparameters"]["pack_length"] == expected
 
 
 def test_plot_command(trained, tmp_path):
@@ -92,6 +101,22 @@ def test_plot_command(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_png(tmp_path / "c.png")[:2] == (720, 420)
     one_error_line(runner.invoke(app, ["plot", str(tmp_path)]))
+
+
+def test_plot_without_matplotlib_is_one_line(
+    trained, data_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if the [plot] extra were not installed
+    install = 'needs the plot extra (matplotlib is not installed): pip install -e ".[plot]"'
+    one_error_line(
+        runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path / "c.png")]), install
+    )
+    assert not (tmp_path / "c.png").exists()
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "-o", str(run), "--plot"]
+    one_error_line(lora(tiny_model_dir, *args), install)  # before training, not after it
+    assert not run.exists()
 
 
 def test_fuse_and_peft_commands(tiny_model_dir, trained, tmp_path):

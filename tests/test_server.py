@@ -522,7 +522,7 @@ def test_cli_serve_errors_are_one_line(tiny_model_dir, monkeypatch):
     res = runner.invoke(app, ["serve", "-m", str(tiny_model_dir), "--max-queue", "-1"])
     assert res.exit_code == 1 and "--max-queue" in res.output
     # Without the [serve] extra: one line saying how to install it.
-    for name in ("mlx_openelm.server", "mlx_openelm.server_http"):
+    for name in ("mlx_openelm.server", "mlx_openelm.serve.app", "mlx_openelm.serve.http"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(ServeError, match=re.escape('pip install -e ".[serve]"')):

@@ -139,10 +139,10 @@ def test_shared_storage_reads_only_each_tensors_bytes(
     path = tf.save(OrderedDict(first=first, second=second), tmp_path / "shared.pt")
 
     reads: list[tuple[str, int, int]] = []
-    archive_class = torch_reader._Archive
+    archive_class = torch_reader.Archive
     original = archive_class.read_range
 
-    def recording(self, name: str, start: int, length: int) -> np.ndarray:  # noqa: ANN001
+    def recording(self: object, name: str, start: int, length: int) -> np.ndarray:
         reads.append((name, start, length))
         return original(self, name, start, length)
 

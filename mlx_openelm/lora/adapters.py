@@ -14,8 +14,6 @@ Scale convention: mlx-lm adds ``scale · (x @ lora_a) @ lora_b``; we expose ``al
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import AdapterError, ConfigError
+from ..folder import atomic_write, atomic_write_text
 from ..jsonio import read_json
 from .config import FINE_TUNE_TYPES, AdapterSpec
 
@@ -152,22 +151,6 @@ def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` over ``path`` (the file keeps the umask's mode)."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors_atomic(path: Path, tensors: dict[str, mx.array]) -> None:
-    """``mx.save_safetensors`` through a temporary file in the same folder, then rename."""
-    _replace_atomically(path, lambda tmp: mx.save_safetensors(tmp, tensors, {"format": "mlx"}))
-
-
 def save_adapters(model: nn.Module, folder: str | Path, config: dict[str, Any]) -> Path:
     """Write ``adapters.safetensors`` + ``adapter_config.json`` into ``folder`` (each atomically).
 
@@ -175,9 +158,11 @@ def save_adapters(model: nn.Module, folder: str | Path, config: dict[str, Any]) 
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(folder / ADAPTER_FILE, adapter_tensors(model))
-    text = json.dumps(config, indent=2, default=_jsonable) + "\n"
-    _replace_atomically(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    tensors = adapter_tensors(model)
+    atomic_write(
+        folder / ADAPTER_FILE, lambda tmp: mx.save_safetensors(str(tmp), tensors, {"format": "mlx"})
+    )
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, default=_jsonable) + "\n")
     return folder
 
 

@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..choices import FineTuneType, values
 from ..errors import ConfigError
 
 DEFAULT_ITERS = 1000
 MAX_RANK = 2**16  # the model bounds it further (see adapters.check_adapter_size)
 DEFAULT_TARGETS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
-FINE_TUNE_TYPES = ("lora", "dora", "full")
+FINE_TUNE_TYPES = values(FineTuneType)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdapterSpec:
     """What to train: the adapter type, its shape and where it goes.
 
@@ -56,7 +57,7 @@ class AdapterSpec:
             raise ConfigError("--targets is empty; name at least one linear layer (e.g. qkv_proj)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Training hyper-parameters (the CLI's defaults come from here)."""
 
@@ -124,7 +125,7 @@ def _option(name: str, want: str, value: Any) -> str:
 RESUMABLE_CHANGES = ("val_every", "val_batches", "save_every", "keep_best", "early_stop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StartReport:
     total_steps: int
     start_step: int
@@ -135,7 +136,7 @@ class StartReport:
     row_length: int | None = None  # packed row length (None: one example per row)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepReport:
     step: int
     total_steps: int
@@ -149,7 +150,7 @@ class StepReport:
     eta_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalReport:
     step: int
     split: str
@@ -159,14 +160,14 @@ class EvalReport:
     best: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SaveReport:
     step: int
     kind: str  # "checkpoint", "best" or "final"
     path: Path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     adapter_path: Path
     steps: int

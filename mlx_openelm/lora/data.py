@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import DataError, TokenizerError
 from ..jsonio import parse_jsonl
+from ..tokenizer import common_prefix_length
 
 FORMATS: dict[str, frozenset[str]] = {
     "text": frozenset({"text"}),
@@ -45,7 +46,7 @@ class Example:
         return len(self.tokens) - 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Dataset:
     """One encoded JSONL file."""
 
@@ -153,13 +154,7 @@ def _check_record(fmt: str, record: dict[str, Any], where: str, mask_prompt: boo
 
 def _boundary(tokenizer: Any, text: str, ids: list[int]) -> int:
     """How many leading tokens of ``ids`` encode ``text`` (a prefix of the rendered chat)."""
-    prefix = tokenizer.encode(text)
-    n = 0
-    for a, b in zip(prefix, ids):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix_length(tokenizer.encode(text), ids)
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict], mask_prompt: bool) -> Example:
@@ -221,7 +216,7 @@ def encode_file(
         raise DataError(
             f"{path} is plain text: --mask-prompt needs prompt/completion or messages data"
         )
-    data = Dataset(path, fmt, [], sha256=sha)
+    data = Dataset(path=path, format=fmt, examples=[], sha256=sha)
     for number, record in records:
         where = f"{path}:{number}"
         _check_record(fmt, record, where, mask_prompt)
@@ -244,7 +239,7 @@ def encode_file(
     return data
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Datasets:
     train: Dataset
     valid: Dataset | None = None
@@ -298,4 +293,4 @@ def load_datasets(
         split: encode_file(path, tokenizer, max_seq_len, mask_prompt) if path else None
         for split, path in files.items()
     }
-    return Datasets(encoded["train"], encoded["valid"], encoded["test"])
+    return Datasets(train=encoded["train"], valid=encoded["valid"], test=encoded["test"])

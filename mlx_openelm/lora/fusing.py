@@ -28,7 +28,7 @@ from .adapters import read_adapter_config
 _PROBE_LEN = 32
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FuseResult:
     path: Path
     fine_tune_type: str
@@ -145,10 +145,10 @@ def fuse(
         force=force,
     )
     return FuseResult(
-        Path(output),
-        adapter_config.get("fine_tune_type", "lora"),
-        count,
-        quantized,
-        totals["total_size"],
-        warning,
+        path=Path(output),
+        fine_tune_type=adapter_config.get("fine_tune_type", "lora"),
+        fused_layers=count,
+        quantized=quantized,
+        total_size=totals["total_size"],
+        warning=warning,
     )

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
 from ..folder import atomic_write_text
 from ..jsonio import read_jsonl
+
+# exp(710) overflows a float: a diverged run's perplexity is reported as exp(700) instead.
+_MAX_LOG_PERPLEXITY = 700.0
+
+
+def perplexity(loss: float) -> float:
+    """The perplexity of a mean token loss (nats), capped so that a diverged run still logs."""
+    return math.exp(min(loss, _MAX_LOG_PERPLEXITY))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -1,21 +1,22 @@
 """Optimizers and learning-rate schedules for fine-tuning.
 
-The schedule is a function of the optimizer's own ``step`` counter (part of its saved state), so a
-resumed run continues at exactly the learning rate where it stopped.
+The schedules are MLX's own (``linear_schedule``, ``cosine_decay``, ``join_schedules``, as in
+mlx-lm's trainer). A schedule is a function of the optimizer's own ``step`` counter (part of its
+saved state), so a resumed run continues at exactly the learning rate where it stopped.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..choices import LRSchedule, OptimizerName, values
 from ..errors import ConfigError
 
-SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = values(LRSchedule)
+OPTIMIZERS = values(OptimizerName)
 
 
 def make_schedule(
@@ -37,18 +38,17 @@ def make_schedule(
             f"--warmup {warmup} must be between 0 and the number of steps ({total_steps})"
         )
     decay_steps = max(total_steps - warmup, 1)
-
-    def schedule(step: mx.array) -> mx.array:
-        s = step.astype(mx.float32)
-        factor = mx.minimum((s + 1) / warmup, 1.0) if warmup else mx.array(1.0)
-        t = mx.clip((s - warmup) / decay_steps, 0.0, 1.0)
-        if kind == "cosine":
-            factor = factor * 0.5 * (1.0 + mx.cos(math.pi * t))
-        elif kind == "linear":
-            factor = factor * (1.0 - t)
-        return learning_rate * factor
-
-    return schedule
+    if kind == "cosine":
+        decay = optim.cosine_decay(learning_rate, decay_steps)
+    elif kind == "linear":
+        decay = optim.linear_schedule(learning_rate, 0.0, decay_steps)
+    else:
+        decay = optim.linear_schedule(learning_rate, learning_rate, 1)  # constant
+    if not warmup:
+        return decay
+    # step s < warmup: learning_rate * (s + 1) / warmup, so the first update is not wasted at 0
+    warm = optim.linear_schedule(learning_rate / warmup, learning_rate, max(warmup - 1, 1))
+    return optim.join_schedules([warm, decay], [warmup])
 
 
 def build_optimizer(

@@ -171,8 +171,14 @@ def import_peft(
             f"last N of the model's {total} layers"
         )
     kind = "dora" if config.get("use_dora") else "lora"
-    spec = AdapterSpec(kind, rank, scale * rank, float(config.get("lora_dropout", 0.0)),
-                       tuple(keys), len(layers))  # fmt: skip
+    spec = AdapterSpec(
+        fine_tune_type=kind,
+        rank=rank,
+        alpha=scale * rank,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=tuple(keys),
+        num_layers=len(layers),
+    )
     adapter_config = apply_adapters(net, spec)
     adapter_config["lora_parameters"]["scale"] = scale  # exact, also for rsLoRA
     adapter_config["base_model"] = {"path": config.get("base_model_name_or_path")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,14 @@ from .checkpoint import check_adapter_folder
 from .compute import evaluate
 from .config import Callback, EvalReport, TrainConfig, TrainResult
 from .data import load_datasets
-from .plot import plot_metrics
+from .metrics import perplexity
+from .plot import plot_metrics, require_matplotlib
 from .trainer import train
 
 _SHAPE_FIELDS = ("num_transformer_layers", "model_dim", "head_dim", "vocab_size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataReport:
     """Sent before training: what each split holds (examples, tokens, truncated, dropped)."""
 
@@ -61,6 +61,7 @@ def finetune(
 
     Raises:
         DataError, ConfigError, ModelNotFoundError, OutputExistsError: before anything is written.
+        MissingDependencyError: ``plot`` without matplotlib (also before anything is written).
         TrainingError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     from ..loading import load, load_config, resolve_model_path
@@ -69,6 +70,8 @@ def finetune(
     spec.validate()  # fail before the slow part
     config.validate()
     check_adapter_folder(Path(adapter_path), resume, force)
+    if plot:
+        require_matplotlib()
     folder = resolve_model_path(model)
     net, tok = load(folder, tokenizer=tokenizer)
     datasets = load_datasets(
@@ -76,7 +79,7 @@ def finetune(
     )
     if callback is not None and mx.distributed.init().rank() == 0:
         splits = {"train": datasets.train, "valid": datasets.valid, "test": datasets.test}
-        callback(DataReport({k: d.summary() for k, d in splits.items() if d is not None}))
+        callback(DataReport(splits={k: d.summary() for k, d in splits.items() if d is not None}))
     info = base_model_info(folder, load_config(folder))
     result = train(
         net, datasets.train, datasets.valid, spec, config, adapter_path, info, resume, force,
@@ -85,10 +88,14 @@ def finetune(
     if datasets.test is not None:
         pack, capacity = result.extra["pack"], result.extra["capacity"]
         loss, tokens = evaluate(net, datasets.test, config.batch_size, capacity, pack)
-        ppl = math.exp(min(loss, 700.0))
+        ppl = perplexity(loss)
         result.extra.update(test_loss=loss, test_ppl=ppl)
         if callback is not None and mx.distributed.init().rank() == 0:
-            callback(EvalReport(result.steps, "test", loss, ppl, tokens))
+            callback(
+                EvalReport(
+                    step=result.steps, split="test", loss=loss, perplexity=ppl, tokens=tokens
+                )
+            )
     if plot and mx.distributed.init().rank() == 0:
         out = Path(adapter_path) / "loss.png"
         result.extra["plot"] = plot_metrics(Path(adapter_path) / "metrics.jsonl", out)

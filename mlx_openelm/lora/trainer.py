@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .. import fastmath
 from ..errors import ConfigError, DataError, TrainingError
+from ..folder import atomic_write
 from .adapters import (
     ADAPTER_FILE,
     AdapterSpec,
@@ -68,7 +69,7 @@ from .config import (
     TrainResult,
 )
 from .data import Dataset
-from .metrics import MetricsLog
+from .metrics import MetricsLog, perplexity
 from .optim import build_optimizer, make_schedule
 
 
@@ -305,11 +306,12 @@ class Trainer:
         grads_fn, update_fn = self._compile()
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         self._report(StartReport(
-            self.total, self.step, self.steps_per_epoch, len(self.rows), trainable, self.size,
-            self.cfg.pack_length if self.cfg.pack else None,
+            total_steps=self.total, start_step=self.step, steps_per_epoch=self.steps_per_epoch,
+            rows=len(self.rows), trainable_parameters=trainable, world_size=self.size,
+            row_length=self.cfg.pack_length if self.cfg.pack else None,
         ))  # fmt: skip
         extra = {"pack": self.cfg.pack, "capacity": self.capacity, "rank": self.rank}
-        result = TrainResult(self.path, self.total, extra=extra)
+        result = TrainResult(adapter_path=self.path, steps=self.total, extra=extra)
         self.model.train()
         if self.valid_set is not None and self.step == 0:
             self._validate()
@@ -346,7 +348,9 @@ class Trainer:
         })  # fmt: skip
         eta = elapsed / done * (self.total - self.step)
         self._report(StepReport(
-            self.step, self.total, epoch, loss, lr, tokens, tokens / dt, peak, elapsed, eta
+            step=self.step, total_steps=self.total, epoch=epoch, loss=loss, learning_rate=lr,
+            tokens=tokens, tokens_per_second=tokens / dt, peak_memory_gb=peak, elapsed_s=elapsed,
+            eta_s=eta,
         ))  # fmt: skip
 
     def _validate(self) -> tuple[float, bool]:
@@ -360,12 +364,15 @@ class Trainer:
             self.best, self.evals_since_best = (loss, self.step), 0
             if cfg.keep_best and self.rank == 0:
                 path = save_adapters(self.model, self.path / "best", self.adapter_config)
-                self._report(SaveReport(self.step, "best", path))
+                self._report(SaveReport(step=self.step, kind="best", path=path))
         else:
             self.evals_since_best += 1
-        ppl = math.exp(min(loss, 700.0))
+        ppl = perplexity(loss)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": ppl})
-        self._report(EvalReport(self.step, "valid", loss, ppl, tokens, improved))
+        report = EvalReport(
+            step=self.step, split="valid", loss=loss, perplexity=ppl, tokens=tokens, best=improved
+        )
+        self._report(report)
         return loss, bool(cfg.early_stop and self.evals_since_best >= cfg.early_stop)
 
     def _save(self) -> None:
@@ -386,7 +393,7 @@ class Trainer:
         }  # fmt: skip
         path = save_checkpoint(self.path, self.model, self.optimizer, state)
         save_adapters(self.model, self.path, self.adapter_config)
-        self._report(SaveReport(self.step, "checkpoint", path))
+        self._report(SaveReport(step=self.step, kind="checkpoint", path=path))
 
     def _finish(self) -> None:
         """With --keep-best the folder's adapters become the best ones (the last stay in
@@ -395,10 +402,8 @@ class Trainer:
             return
         best_file = self.path / "best" / ADAPTER_FILE
         if self.cfg.keep_best and best_file.is_file():
-            tmp = self.path / f".{ADAPTER_FILE}.best"
-            shutil.copyfile(best_file, tmp)
-            tmp.replace(self.path / ADAPTER_FILE)
-        self._report(SaveReport(self.step, "final", self.path))
+            atomic_write(self.path / ADAPTER_FILE, lambda tmp: shutil.copyfile(best_file, tmp))
+        self._report(SaveReport(step=self.step, kind="final", path=self.path))
 
 
 def train(

@@ -20,10 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import OpenELMError
-from .generate import stream_generate
-from .prompt_cache import PrefixCache
-from .server_format import TokenLogprob
+from ..errors import OpenELMError
+from ..generate import GenerationOptions, stream_generate
+from ..prompt_cache import PrefixCache
+from .responses import TokenLogprob
 
 __all__ = ["Engine", "Failed", "Finished", "Job", "Piece", "QueueFull"]
 
@@ -38,7 +38,7 @@ class Piece:
     logprob: TokenLogprob | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Finished:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
@@ -54,13 +54,12 @@ class Failed:
 Event = Piece | Finished | Failed
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
-    """A prompt to complete; ``sampling`` holds :func:`stream_generate` keyword options."""
+    """A prompt to complete with ``options`` (their ``max_tokens`` already fits the context)."""
 
     ids: list[int]
-    max_tokens: int
-    sampling: dict[str, Any]
+    options: GenerationOptions
     sink: Callable[[Event], None]
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token and k others
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -157,9 +156,8 @@ class Engine:
             self.model,
             self.tokenizer,
             job.ids[reused:],
-            job.max_tokens,
+            options=job.options,
             prompt_cache=cache,
-            **job.sampling,
         )
         try:
             for r in responses:
@@ -171,8 +169,13 @@ class Engine:
                 job.sink(Piece(r.text, self._logprob(r, job.top_logprobs)))
                 if r.finish_reason is not None:
                     self.stats.completed += 1
-                    usage = (len(job.ids), reused, r.generation_tokens)
-                    job.sink(Finished(r.finish_reason, *usage))
+                    finished = Finished(
+                        finish_reason=r.finish_reason,
+                        prompt_tokens=len(job.ids),
+                        cached_tokens=reused,
+                        completion_tokens=r.generation_tokens,
+                    )
+                    job.sink(finished)
         finally:
             responses.close()
             self.prefix_cache.put(cache, held)

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, ServeError, short
-from .jsonio import parse_json
-from .server_schema import DEFAULT_HOST, DEFAULT_PORT, APIError
+from ..errors import DataError, ServeError, short
+from ..jsonio import parse_json
+from .schema import DEFAULT_HOST, DEFAULT_PORT, APIError
 
 try:
     import uvicorn

@@ -1,6 +1,6 @@
 """OpenAI's request shapes for the server: parse and check; errors in OpenAI's shape.
 
-Pure functions with no HTTP in them (responses are built in :mod:`mlx_openelm.server_format`).
+Pure functions with no HTTP in them (responses are built in :mod:`mlx_openelm.serve.responses`).
 Requests are checked field by field and a bad value raises :class:`APIError` naming the field,
 the value and what would be valid; fields this server does not know are ignored, as OpenAI's own
 API ignores what it does not need.
@@ -8,10 +8,11 @@ API ignores what it does not need.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..generate_options import GenerationOptions
 
 __all__ = ["APIError", "CompletionRequest", "ServerSettings", "invalid", "parse_request"]
 
@@ -56,51 +57,52 @@ def invalid(param: str, message: str) -> APIError:
     return APIError(400, f"`{param}` {message}", param=param)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    """Server options; ``max_tokens``, ``temp`` and ``top_p`` fill in fields a request omits.
+    """Server options; ``generation`` fills in the fields a request omits.
 
-    ``temp`` and ``top_p`` default to :mod:`mlx_openelm.generate`'s defaults (greedy, no nucleus).
+    Its ``max_tokens`` defaults to 512; the rest are :class:`GenerationOptions`' defaults
+    (greedy, no nucleus).
     """
 
     api_key: str | None = None
-    max_tokens: int = DEFAULT_SERVE_MAX_TOKENS
-    temp: float = 0.0
-    top_p: float = 1.0
+    generation: GenerationOptions = field(
+        default_factory=lambda: GenerationOptions(max_tokens=DEFAULT_SERVE_MAX_TOKENS)
+    )
     max_queue: int = DEFAULT_MAX_QUEUE
 
     def check(self) -> None:
         """Raises GenerationError or ServeError for a value out of range."""
-        from .errors import ServeError
-        from .generate import validate_options
+        from ..errors import ServeError
 
-        validate_options(max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p)
+        self.generation.validate()
         if self.max_queue < 0:
             raise ServeError(f"--max-queue must be >= 0 (0 = no waiting), got {self.max_queue}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompletionRequest:
     """One checked request to ``/v1/chat/completions`` (``chat``) or ``/v1/completions``.
 
-    ``sampling`` holds keyword options for :func:`mlx_openelm.generate.stream_generate`;
-    ``top_logprobs`` is None without logprobs, else how many alternatives to list per token.
+    ``options`` holds the request's generation options over the server's defaults;
+    ``max_tokens`` is None when the request leaves it to the server. ``top_logprobs`` is None
+    without logprobs, else how many alternatives to list per token.
     """
 
     chat: bool
     messages: list[dict[str, str]] | None
     prompt: str | list[int] | None
     max_tokens: int | None
-    sampling: dict[str, Any]
+    options: GenerationOptions
     stream: bool
     include_usage: bool
     top_logprobs: int | None
 
 
 def parse_request(
-    body: Mapping[str, Any], *, chat: bool, temp: float, top_p: float
+    body: Mapping[str, Any], *, chat: bool, defaults: GenerationOptions
 ) -> CompletionRequest:
-    """Check a request body; ``temp`` and ``top_p`` are the server's defaults for omitted fields.
+    """Check a request body; ``defaults`` fill in the generation fields it omits.
 
     Raises:
         APIError: 400 naming the first bad field.
@@ -127,27 +129,41 @@ def parse_request(
         messages=_messages(body) if chat else None,
         prompt=None if chat else _prompt(body),
         max_tokens=max_tokens,
-        sampling=_sampling(body, temp, top_p),
+        options=_generation(body, defaults),
         stream=_boolean(body, "stream", False),
         include_usage=bool(options and _boolean(options, "include_usage", False)),
         top_logprobs=top_logprobs,
     )
 
 
-def _sampling(body: Mapping[str, Any], temp: float, top_p: float) -> dict[str, Any]:
-    finite = math.isfinite
-    return {
-        "temp": _number(body, "temperature", temp, lambda v: finite(v) and v >= 0, ">= 0"),
-        "top_p": _number(body, "top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
-        "top_k": _integer(body, "top_k", 0, minimum=0),
-        "min_p": _number(body, "min_p", 0.0, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "repetition_penalty": _number(
-            body, "repetition_penalty", None, lambda v: finite(v) and v > 0, "> 0 (1 = off)"
-        ),
-        "repetition_context_size": _integer(body, "repetition_context_size", 20, minimum=1),
-        "seed": _integer(body, "seed"),
-        "stop": _stop(body),
-    }
+# OpenAI's request field for each GenerationOptions field a request may set.
+_REQUEST_FIELDS = {
+    "temp": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "repetition_context_size": "repetition_context_size",
+    "seed": "seed",
+}
+_INTEGERS = {"top_k", "repetition_context_size", "seed"}
+
+
+def _generation(body: Mapping[str, Any], defaults: GenerationOptions) -> GenerationOptions:
+    """The request's options: JSON types checked here, ranges by GenerationOptions' own rules."""
+    changes: dict[str, Any] = {}
+    for name, param in _REQUEST_FIELDS.items():
+        value = _integer(body, param) if name in _INTEGERS else _number(body, param)
+        if value is not None:
+            changes[name] = value
+    stop = _stop(body)
+    options = defaults.replace(**changes, stop=stop or defaults.stop)
+    bad = options.out_of_range()
+    if bad is not None:
+        name, valid, _ = bad
+        param = _REQUEST_FIELDS.get(name, name)
+        raise invalid(param, f"must be {valid}, got {getattr(options, name)}")
+    return options
 
 
 def _show(value: Any) -> str:
@@ -191,20 +207,12 @@ def _integer(
     return value
 
 
-def _number(
-    body: Mapping[str, Any],
-    name: str,
-    default: float | None,
-    ok: Callable[[float], bool],
-    valid: str,
-) -> float | None:
+def _number(body: Mapping[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(name, f"must be a number {valid}, got {_show(value)}")
-    if not ok(value):
-        raise invalid(name, f"must be {valid}, got {value}")
+        raise invalid(name, f"must be a number, got {_show(value)}")
     return float(value)
 
 
