@@ -21,21 +21,24 @@ from .errors import OpenELMError, short
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
+def lone_surrogate_path(value: Any) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (``messages[0].content``,
+    ``""`` for the value itself), or None. Python accepts ``"\\ud800"``; UTF-8 cannot hold it."""
+    stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
-        item = stack.pop()
+        item, path = stack.pop()
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                return True
+                return path
         elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack += [(key, where), (child, where)]
         elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            stack += [(child, f"{path}[{i}]") for i, child in enumerate(item)]
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -75,8 +78,12 @@ def parse_json(
         value = json.loads(text)
     except (ValueError, RecursionError, UnicodeError) as e:
         raise error(f"{where}: {_reason(e)}; {how}") from None
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise error(f"{where}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); {how}")
+    path = lone_surrogate_path(value) if _SURROGATE_ESCAPE.search(text) else None
+    if path is not None:
+        at = f" at {short(path, 80)}" if path else ""
+        bad = error(f"{where}: a string{at} holds a lone UTF-16 surrogate (\\ud800-\\udfff); {how}")
+        bad.json_path = path  # the server names the field as its 400's ``param``
+        raise bad
     if expect is not None and not isinstance(value, expect):
         raise error(
             f"{where}: expected a JSON {_TYPE_NAMES.get(expect, expect.__name__)}, "

@@ -288,7 +288,7 @@ def test_save_and_load_transcript(dirs, inst, tmp_path):
         (b'{"role": "user", "content": "hi"}\nnot json\n', ":2: malformed JSON"),
         (b'{"role": "user", "content": ' + b"9" * 5000 + b"}\n", ":1: bad JSON value"),
         (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: JSON nested too deeply"),
-        (b'{"role": "user", "content": "\\ud800"}\n', ":1: a string holds a lone"),
+        (b'{"role": "user", "content": "\\ud800"}\n', ":1: a string at content holds a lone"),
         (b'{"role": "robot", "content": "hi"}\n', ':1: expected {"role"'),
         (
             b'{"role": "user", "content": "hi"}\n{"role": "system", "content": "x"}\n',
