@@ -177,9 +177,11 @@ def convert(
     if plan is not None:
         stream = quantize_stream(stream, plan)
     stream = _then(stream, lambda: config.update(source=hashing.result()))
+    bits = plan.bits_per_weight(_shapes(tensors)) if plan else 8 * DTYPES[out_dtype_name].size
     totals = write_model_folder(
-        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
-    )
+        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force,
+        expected_bytes=int(cp.args.num_parameters() * bits / 8),
+    )  # fmt: skip
     if quality is None:
         quality = mx.default_device().type == mx.DeviceType.gpu
     report = None

@@ -123,7 +123,9 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output(
+    output: str | Path, force: bool = False, needed: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it to ``output`` only on success.
 
     An exception or Ctrl-C removes the temporary folder and leaves any previous ``output`` alone;
@@ -135,7 +137,8 @@ def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is False, is not ours to replace, or
             appeared while writing.
-        DiskFullError: the disk filled up (the temporary folder is removed).
+        DiskFullError: the disk filled up (the temporary folder is removed); ``needed``, the
+            expected size in bytes when known, is named in the message.
     """
     output = Path(output).absolute()
     before = _identity(output)
@@ -154,7 +157,7 @@ def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in DISK_FULL:
-            raise disk_full_error(e, output) from e
+            raise disk_full_error(e, output, needed) from e
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,6 +324,7 @@ def write_model_folder(
     force: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    expected_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write a complete MLX model folder atomically.
 
@@ -333,14 +337,16 @@ def write_model_folder(
         generation_config: written as ``generation_config.json`` when given.
         force: replace an existing ``output``.
         on_tensor: progress callback ``(name, nbytes)`` after each tensor is written.
+        expected_bytes: about how large the weights will be, named if the disk fills up.
 
     Returns:
         Totals from :func:`write_safetensors`, plus ``"path"``.
 
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is False.
+        DiskFullError: the disk filled up (nothing is left behind).
     """
-    with atomic_output(output, force=force) as tmp:
+    with atomic_output(output, force=force, needed=expected_bytes) as tmp:
         totals = write_safetensors(tmp, tensors, max_shard_bytes, on_tensor)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
         if generation_config:

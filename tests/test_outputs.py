@@ -140,6 +140,7 @@ def test_cli_reports_stale_temporaries_and_a_full_disk(tmp_path, tiny_spm, monke
     assert lines[0].startswith("Warning: removed") and ".out.tmp-999999999-abc" in lines[0]
     text = " ".join(lines[1:])
     assert text.startswith("Error: no space left on the disk while writing") and "free" in text
+    assert "needed" in text  # the converter knows the size it writes
     assert str(out) in text and len(lines) == 2
     assert not out.exists() and _leftovers(tmp_path) == []
 
