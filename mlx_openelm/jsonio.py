@@ -133,7 +133,7 @@ def parse_jsonl(
 ) -> list[tuple[int, Any]]:
     """``(line number, value)`` for every non-blank line of JSONL bytes.
 
-    Lines are split on bytes (``\n``, ``\r``), never on the Unicode line separators that
+    Lines are split on bytes (``\\n``, ``\\r``), never on the Unicode line separators that
     ``str.splitlines`` also breaks at and that JSON strings may hold.
 
     Args:
