@@ -22,10 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, ConfigError, short
 from ..folder import atomic_write, atomic_write_text
 from ..jsonio import read_json
-from .config import FINE_TUNE_TYPES, AdapterSpec
+from .config import FINE_TUNE_TYPES, MAX_RANK, AdapterSpec, is_finite_number
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -194,8 +194,42 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
             f"{folder / CONFIG_FILE} lacks a valid fine_tune_type/num_layers; "
             "it was not written by mlx-openelm or mlx-lm"
         )
-    if kind != "full" and not {"rank", "scale"} <= set(config.get("lora_parameters") or {}):
+    params = config.get("lora_parameters") or {}
+    if kind != "full" and not (isinstance(params, dict) and {"rank", "scale"} <= set(params)):
         raise AdapterError(
             f"{folder / CONFIG_FILE}: lora_parameters needs 'rank' and 'scale' (mlx-lm's layout)"
         )
+    check_adapter_numbers(
+        folder / CONFIG_FILE,
+        num_layers=config["num_layers"],
+        rank=params.get("rank", 1),
+        scale=params.get("scale", 1.0),
+        dropout=params.get("dropout", 0.0),
+    )
     return config
+
+
+def check_adapter_numbers(
+    where: Path, *, num_layers: Any = -1, rank: Any = 1, scale: Any = 1.0, dropout: Any = 0.0
+) -> None:
+    """The numbers of a stored adapter config, type- and range-checked before use.
+
+    Raises:
+        AdapterError: naming the file and the field.
+    """
+    checks = (
+        (
+            "num_layers",
+            num_layers,
+            type(num_layers) is int and (num_layers == -1 or num_layers > 0),
+        ),
+        ("rank", rank, type(rank) is int and 1 <= rank <= MAX_RANK),
+        ("scale", scale, is_finite_number(scale)),
+        ("dropout", dropout, is_finite_number(dropout) and 0 <= dropout < 1),
+    )
+    for name, value, ok in checks:
+        if not ok:
+            raise AdapterError(
+                f"{where}: '{name}' has the impossible value {short(repr(value), 60)}; the file "
+                "is damaged or was not written by mlx-openelm, mlx-lm or PEFT"
+            )

@@ -47,9 +47,9 @@ class AdapterSpec:
             )
         if not _int_in(self.rank, 1, MAX_RANK):
             raise ConfigError(_option("rank", f"an integer from 1 to {MAX_RANK}", self.rank))
-        if not _finite(self.alpha) or self.alpha == 0:
+        if not is_finite_number(self.alpha) or self.alpha == 0:
             raise ConfigError(_option("alpha", "a finite non-zero number", self.alpha))
-        if not _finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.num_layers == 0 or self.num_layers < -1:
             raise ConfigError(f"--num-layers must be -1 (all) or positive, got {self.num_layers}")
@@ -97,13 +97,15 @@ class TrainConfig:
             raise ConfigError(_option("seed", "an integer from 0 to 2**63-1", self.seed))
         if self.val_batches != -1 and not _int_in(self.val_batches, 1, 10**9):
             raise ConfigError(_option("val_batches", "-1 (all) or at least 1", self.val_batches))
-        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+        if not is_finite_number(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(
                 _option("learning_rate", "a finite positive number", self.learning_rate)
             )
-        if not _finite(self.weight_decay) or self.weight_decay < 0:
+        if not is_finite_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(_option("weight_decay", "a number ≥ 0", self.weight_decay))
-        if self.grad_clip is not None and not (_finite(self.grad_clip) and self.grad_clip > 0):
+        if self.grad_clip is not None and not (
+            is_finite_number(self.grad_clip) and self.grad_clip > 0
+        ):
             raise ConfigError(_option("grad_clip", "a positive number", self.grad_clip))
         if self.iters is not None and self.epochs is not None:
             raise ConfigError("give --iters or --epochs, not both")
@@ -113,7 +115,8 @@ def _int_in(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
-def _finite(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number: not a bool, a string, NaN or infinity."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -32,6 +32,7 @@ from .adapters import (
     AdapterSpec,
     apply_adapters,
     block_linear_names,
+    check_adapter_numbers,
     read_adapter_config,
 )
 
@@ -159,6 +160,12 @@ def import_peft(
     config, weights = _read_peft(folder)
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise AdapterError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    check_adapter_numbers(
+        folder / CONFIG_FILE,
+        rank=config["r"],
+        scale=config.get("lora_alpha", config["r"]),
+        dropout=config.get("lora_dropout", 0.0),
+    )
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     tensors, layers, keys = _to_mlx_names(weights, folder)
