@@ -25,15 +25,23 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+# Imported here, not in the tests: a first import inside a case would count against its deadline.
+from convert.tensors import open_safetensors  # noqa: E402
+from convert.torch_reader import load_torch_state_dict  # noqa: E402
+from mlx_openelm.chat import read_transcript  # noqa: E402
 from mlx_openelm.config import ModelArgs  # noqa: E402
 from mlx_openelm.errors import OpenELMError  # noqa: E402
+from mlx_openelm.evaluate import read_choice_tasks, read_texts  # noqa: E402
+from mlx_openelm.jsonio import read_json  # noqa: E402
+from mlx_openelm.lora.data import encode_file  # noqa: E402
+from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer  # noqa: E402
 
 import torchfmt  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("MLX_OPENELM_FUZZ", "0")) or 60
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
-    deadline=2000,  # ms per case: a reader that stalls on a crafted input fails the test
+    deadline=5000,  # ms per case: a reader that stalls on a crafted input fails the test
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=not os.environ.get("MLX_OPENELM_FUZZ"),  # reproducible in CI, fresh when long
     database=None,
@@ -102,8 +110,6 @@ _header = st.one_of(
 @FUZZ
 @given(header=_header, data_len=st.integers(0, 256), edits=_edits)
 def test_fuzz_safetensors_header(tmp_path_factory, header, data_len, edits):
-    from convert.tensors import open_safetensors
-
     path = tmp_path_factory.mktemp("st") / "model.safetensors"
     raw = json.dumps(header, allow_nan=True).encode("utf-8", "surrogatepass")
     blob = _mutate(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len, edits)
@@ -133,8 +139,6 @@ def _valid_checkpoint(tmp: Path) -> tuple[bytes, list[tuple[str, bytes]]]:
     compress=st.booleans(),
 )
 def test_fuzz_restricted_unpickler(tmp_path_factory, edits, opcodes, compress):
-    from convert.torch_reader import load_torch_state_dict
-
     tmp = tmp_path_factory.mktemp("pt")
     data_pkl, storages = _valid_checkpoint(tmp)
     body = _mutate(data_pkl, edits)
@@ -211,20 +215,10 @@ _lines = st.one_of(
 @FUZZ
 @given(raw=_lines)
 def test_fuzz_jsonl_readers(tmp_path_factory, tiny_spm, raw):
-    from mlx_openelm.chat import read_transcript
-    from mlx_openelm.evaluate import read_choice_tasks, read_texts
-    from mlx_openelm.lora.data import encode_file
-    from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer
-
     path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
     path.write_bytes(raw)
     tok = _tokenizer(tiny_spm, Tokenizer, ZEPHYR_CHAT_TEMPLATE)
-    try:
-        from mlx_openelm.jsonio import read_json
-    except ImportError:  # the fuzzer also runs against older trees, which lack the helper
-        pass
-    else:
-        _only_project_errors(read_json, path, OpenELMError)
+    _only_project_errors(read_json, path, OpenELMError)
     _only_project_errors(read_transcript, path)
     _only_project_errors(read_texts, path)
     _only_project_errors(read_choice_tasks, path)
