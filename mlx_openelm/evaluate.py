@@ -191,10 +191,17 @@ def perplexity(
         on_progress: called with ``(windows_done, windows_total)``.
 
     Raises:
-        DataError: bad window settings, or no text long enough to score a token.
+        DataError: bad window settings (a window longer than the model's context too), or no
+            text long enough to score a token.
     """
     stride = max(1, seq_len // 2) if stride is None else stride
     _check_windows(seq_len, stride, batch_size)
+    context = getattr(getattr(model, "args", None), "max_context_length", None)
+    if isinstance(context, int) and seq_len > context:
+        raise DataError(
+            f"seq_len (--seq-len) is {seq_len}, beyond the model's {context}-token context, where "
+            f"its perplexity means nothing; use --seq-len {context} or less"
+        )
     jobs: list[tuple[list[int], int]] = []  # (window tokens, first target relative to window)
     for text in texts:
         ids = tokenizer.encode(text, add_bos=True)

@@ -69,3 +69,12 @@ def test_error_lines_are_bounded(tmp_path):
     line = one_error(runner.invoke(app, ["generate", "-m", str(bad), "-p", "hi"]))
     assert len(line) < MAX_ERROR_CHARS + 100
     assert "characters cut" in line and "model_type" in line and "mlx-lm" in line
+
+
+def test_windows_and_bench_prompts_beyond_the_context_are_refused(model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello there"}\n')
+    ppl = ["eval", "perplexity", "-m", str(model), "--data", str(data), "--seq-len", "100"]
+    one_error(runner.invoke(app, ppl), "--seq-len) is 100, beyond the model's 64-token context")
+    bench = ["bench", "-m", str(model), "-p", "100", "-g", "1", "-n", "1"]
+    one_error(runner.invoke(app, bench), "prompt is 100 tokens", "context holds 64")
