@@ -82,15 +82,24 @@ def load_config(folder: Path) -> dict[str, Any]:
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:
-    """Load every ``model*.safetensors`` tensor of a folder (lazily memory-mapped by MLX)."""
+    """Load every ``model*.safetensors`` tensor of a folder (lazily memory-mapped by MLX).
+
+    Raises:
+        WeightsError: no weight files, or a header that is malformed or disagrees with its file.
+    """
     files = sorted(glob.glob(str(Path(folder) / "model*.safetensors")))
     if not files:
         raise WeightsError(
             f"{folder} has no model*.safetensors weights; convert the checkpoint with "
             "`mlx-openelm convert SOURCE OUTPUT`"
         )
+    from .convert.tensors import open_safetensors  # the converter's header checks
+
     weights: dict[str, mx.array] = {}
     for f in files:
+        # MLX's own reader multiplies shapes in 64 bits: a crafted [2**31, 2**31, 4] comes back
+        # with a negative shape. Check every entry against the file first.
+        open_safetensors(Path(f))
         try:
             weights.update(mx.load(f))
         except (RuntimeError, ValueError) as e:

@@ -119,3 +119,13 @@ def test_nonfinite_weights_are_named_and_refused_unless_allowed(tmp_path, tiny_s
     assert result.exit_code == 0, result.output
     assert f"Warning: converted with NaN/infinite values in {name}" in result.output
     assert (out / "model.safetensors").is_file()
+
+
+def test_loading_a_crafted_model_folder_checks_its_header_first(tmp_path, tiny):
+    # MLX's reader multiplies the shape in 64 bits and returns a (-2**31, -2**31, 4) tensor.
+    header = {"w": {"dtype": "F32", "shape": [2**31, 2**31, 4], "data_offsets": [0, 0]}}
+    folder = _header_file(tmp_path / "m", {**tiny[0], "model_type": "openelm"}, header)
+    result = runner.invoke(app, ["generate", "-m", str(folder), "-p", "hi"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip()
+    assert line.startswith("Error:") and "is damaged" in line and "spans 0 bytes" in line
