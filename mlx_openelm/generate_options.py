@@ -1,12 +1,14 @@
 """Generation options: one frozen :class:`GenerationOptions` with its defaults and checks.
 
 What the CLI builds from its flags, what :class:`~.chat.ChatSession` holds, what the server
-parses a request into and what :func:`~.generate.stream_generate` takes. Each option is one
-field with its default here, one rule in ``_RULES`` (a range with the text that explains it) and,
-when it shapes decoding, one line in :meth:`GenerationOptions.sampler` or
-:meth:`GenerationOptions.logits_processors`. :class:`StopMatcher` cuts streamed text at stop
-strings without ever showing part of one. No MLX or mlx-lm import at module level, so it is
-cheap to import; :mod:`mlx_openelm.generate` re-exports it.
+parses a request into and what :func:`~.generate.stream_generate` takes. A new option is a field
+here with its default, a rule in ``_RULES`` (the range and the text that explains it), its flag
+in ``FLAGS`` and, when it shapes decoding, a line in :meth:`GenerationOptions.sampler` or
+:meth:`GenerationOptions.logits_processors`; then one row of ``cli_generate.GENERATION_FLAGS``
+gives ``generate`` and ``chat`` the flag, and one entry of ``serve.schema._REQUEST_FIELDS`` the
+server's request field. :class:`StopMatcher` cuts streamed text at stop strings without ever
+showing part of one. No MLX or mlx-lm import at module level, so it is cheap to import;
+:mod:`mlx_openelm.generate` re-exports it.
 """
 
 from __future__ import annotations

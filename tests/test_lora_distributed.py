@@ -37,16 +37,21 @@ def free_port_pair() -> int:
     pytest.skip("no two adjacent free local ports for the ring backend")
 
 
+def launcher() -> str | None:
+    """``mlx.launch`` of the running interpreter's environment (whether or not it is on PATH)."""
+    beside = Path(sys.executable).parent / "mlx.launch"
+    return str(beside) if beside.is_file() else shutil.which("mlx.launch")
+
+
 def launch(*command: str, timeout: float) -> subprocess.CompletedProcess:
-    launcher = shutil.which("mlx.launch")
-    cmd = [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
+    cmd = [launcher(), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
            "--starting-port", str(free_port_pair()), "--", sys.executable, *command]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def ring_backend() -> None:
-    if shutil.which("mlx.launch") is None or not mx.distributed.is_available():
+    if launcher() is None or not mx.distributed.is_available():
         pytest.skip("mlx.launch or MLX's distributed support is not installed")
     try:
         probe = launch("-c", PROBE, timeout=60)
