@@ -6,7 +6,7 @@ unpickler (``convert.torch_reader.open_torch_checkpoint``), the config parser
 (``ModelArgs.from_dict``) and the JSON/JSONL readers (``jsonio``, lora data, chat ``/load``,
 eval data).
 
-The default run is bounded to a few seconds in all (``FUZZ_EXAMPLES`` cases per target);
+The default run is bounded to a few seconds in all (``FUZZ_EXAMPLES``, 200 cases per target);
 ``MLX_OPENELM_FUZZ=N`` runs N cases per target (e.g. 20000 for a long session).
 """
 
@@ -38,7 +38,7 @@ from mlx_openelm.tokenizer import ZEPHYR_CHAT_TEMPLATE, Tokenizer  # noqa: E402
 
 import torchfmt  # noqa: E402
 
-FUZZ_EXAMPLES = int(os.environ.get("MLX_OPENELM_FUZZ", "0")) or 60
+FUZZ_EXAMPLES = int(os.environ.get("MLX_OPENELM_FUZZ", "0")) or 200
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=5000,  # ms per case: a reader that stalls on a crafted input fails the test
