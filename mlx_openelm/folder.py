@@ -204,6 +204,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     not exist yet, so the file gets the umask's mode, as a plain write would.
     """
     path = Path(path)
+    remove_stale_temporaries(path, path.stem, path.suffix)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         write(tmp)

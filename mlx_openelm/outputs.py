@@ -124,18 +124,24 @@ def _listing(folder: Path, limit: int = 5) -> str:
     return ", ".join(short(n, 40) for n in names[:limit]) + more
 
 
-def remove_stale_temporaries(output: Path) -> list[Path]:
-    """Remove ``.NAME.tmp-PID-*`` folders beside ``output`` whose process is gone; warn for each.
+def remove_stale_temporaries(output: Path, stem: str | None = None, suffix: str = "") -> list[Path]:
+    """Remove temporaries beside ``output`` whose process is gone; warn for each.
 
-    A hard kill (``kill -9``, power loss) cannot clean up; the next write to the same output
-    does. Folders of a live process (another run writing the same output) are left alone.
+    Folder writers leave ``.NAME.tmp-PID-*`` (``stem`` None), the file writer
+    ``.STEM.tmp-PID-*SUFFIX``. A hard kill (``kill -9``, power loss) cannot clean up; the next
+    write to the same output does. Those of a live process (another run writing the same output)
+    are left alone.
     """
+    stem = output.name if stem is None else stem
     removed = []
-    for tmp in output.parent.glob(f".{glob.escape(output.name)}.tmp-*"):
-        pid = tmp.name[len(output.name) + 6 :].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)) or not tmp.is_dir():
+    for tmp in output.parent.glob(f".{glob.escape(stem)}.tmp-*{glob.escape(suffix)}"):
+        pid = tmp.name[len(stem) + 6 :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or tmp.is_symlink():
             continue
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed.append(tmp)
         warnings.warn(
             f"removed {tmp}, left behind by an interrupted run (process {pid} is gone)",

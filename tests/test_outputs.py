@@ -117,6 +117,19 @@ def test_stale_temporaries_are_removed_and_reported_live_ones_kept(tmp_path):
     assert not gone.exists() and live.is_dir() and other.is_dir()
 
 
+def test_the_file_writer_removes_its_stale_temporaries(tmp_path):
+    from mlx_openelm.folder import atomic_write_text
+
+    gone = tmp_path / ".notes.tmp-999999999-ab12.txt"
+    live = tmp_path / f".notes.tmp-{os.getpid()}-cd34.txt"
+    gone.write_text("partial")
+    live.write_text("being written")
+    with pytest.warns(OpenELMWarning, match=r"\.notes\.tmp-999999999-ab12\.txt"):
+        atomic_write_text(tmp_path / "notes.txt", "done")
+    assert (tmp_path / "notes.txt").read_text() == "done"
+    assert not gone.exists() and live.read_text() == "being written"
+
+
 def test_cli_reports_stale_temporaries_and_a_full_disk(tmp_path, tiny_spm, monkeypatch):
     cfg = tiny_config(vocab_size=400)
     src = write_hf_safetensors(tmp_path / "src", cfg, random_weights(cfg, seed=3))
