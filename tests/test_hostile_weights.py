@@ -129,3 +129,18 @@ def test_loading_a_crafted_model_folder_checks_its_header_first(tmp_path, tiny):
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = result.output.strip()
     assert line.startswith("Error:") and "is damaged" in line and "spans 0 bytes" in line
+
+
+def test_quality_probe_reports_nonfinite_logits_as_an_error(tmp_path, tiny_spm, tiny):
+    cfg, weights = tiny
+    bad = dict(weights)
+    name = "transformer.norm.weight"
+    bad[name] = np.full_like(weights[name], np.inf)
+    src = write_hf_safetensors(tmp_path / "src", cfg, bad)
+    out = tmp_path / "out"
+    args = ["convert", str(src), str(out), "--tokenizer", str(tiny_spm), "--allow-nonfinite",
+            "-q", "--group-size", "32", "--quality"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "quality probe" in result.output and "NaN or infinity" in result.output
+    assert "KL" not in result.output.split("quality probe")[0]  # no "KL nan" summary before it
