@@ -123,15 +123,15 @@ def read_json(
     return parse_json(_read_bytes(path, error, how), str(path), error, how, expect)
 
 
-def parse_jsonl(
-    raw: bytes,
+def read_jsonl(
     path: str | Path,
     error: type[OpenELMError],
     how: str = "fix or delete the line",
     expect: type | None = dict,
     skip_bad: bool = False,
+    raw: bytes | None = None,
 ) -> list[tuple[int, Any]]:
-    """``(line number, value)`` for every non-blank line of JSONL bytes.
+    """``(line number, value)`` for every non-blank line of a JSONL file.
 
     Lines are split on bytes (``\\n``, ``\\r``), never on the Unicode line separators that
     ``str.splitlines`` also breaks at and that JSON strings may hold.
@@ -139,13 +139,16 @@ def parse_jsonl(
     Args:
         skip_bad: drop lines that do not parse instead of raising (a log whose last line was
             torn by a crash).
+        raw: the file's bytes, when the caller has read them already (to hash them).
 
     Raises:
-        ``error``: a line that is not valid (see :func:`parse_json`), naming ``path:line``.
+        ``error``: the file is unreadable or a line is not valid (see :func:`parse_json`),
+            naming ``file:line``.
     """
-    lines = raw.splitlines()
+    path = Path(path)
+    raw = _read_bytes(path, error, how) if raw is None else raw
     records = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -154,22 +157,6 @@ def parse_jsonl(
             if not skip_bad:
                 raise
     return records
-
-
-def read_jsonl(
-    path: str | Path,
-    error: type[OpenELMError],
-    how: str = "fix or delete the line",
-    expect: type | None = dict,
-    skip_bad: bool = False,
-) -> list[tuple[int, Any]]:
-    """Read a JSONL file; see :func:`parse_jsonl`.
-
-    Raises:
-        ``error``: the file is unreadable or a line is not valid, naming ``file:line``.
-    """
-    path = Path(path)
-    return parse_jsonl(_read_bytes(path, error, how), path, error, how, expect, skip_bad)
 
 
 def read_yaml(path: str | Path, error: type[OpenELMError], how: str = "fix the file") -> Any:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import jsonio
 from ..errors import DataError, TokenizerError
-from ..jsonio import parse_jsonl
 from ..tokenizer import common_prefix_length
 
 FORMATS: dict[str, frozenset[str]] = {
@@ -91,7 +91,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], str]
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass --data DIR or --train FILE")
     raw = path.read_bytes()
-    records = parse_jsonl(raw, path, DataError, "each line must be one JSON object")
+    records = jsonio.read_jsonl(path, DataError, "each line must be one JSON object", raw=raw)
     if not records:
         raise DataError(f"{path} is empty: it holds no JSON lines to train on")
     return records, hashlib.sha256(raw).hexdigest()
