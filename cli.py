@@ -22,7 +22,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mlx_openelm import __version__, cli_convert, cli_generate, cli_lora
+from mlx_openelm import __version__, cli_convert, cli_generate, cli_lm_eval, cli_lora
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
@@ -146,7 +146,7 @@ app.command("plot")(cli_lora.plot_cmd)
 # === eval / bench / doctor ===
 eval_app = typer.Typer(
     cls=TyperGroup,
-    help="Measure model quality: perplexity over text, zero-shot multiple choice.",
+    help="Measure model quality: perplexity, multiple choice, lm-evaluation-harness tasks.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -248,6 +248,9 @@ def eval_choice(
     out.print(f"questions {r.questions}")
     out.print(f"acc       {r.acc:.4f} ± {r.acc_stderr:.4f}")
     out.print(f"acc_norm  {r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}")
+
+
+eval_app.command("lm-eval")(cli_lm_eval.lm_eval_cmd)
 
 
 @app.command("bench")

@@ -257,13 +257,20 @@ def _repeat_cache(cache: list[Any], n: int) -> list[KVCache]:
     return copies
 
 
-def _continuation_logprobs(model: Any, context: list[int], conts: list[list[int]]) -> list[float]:
-    """Summed log-probability of each continuation after ``context``; context runs once."""
+def continuation_scores(
+    model: Any, context: list[int], conts: list[list[int]]
+) -> list[tuple[float, bool]]:
+    """``(summed log-probability, is_greedy)`` of each continuation after ``context``.
+
+    The context runs once into a KV cache; ``is_greedy`` says whether greedy decoding from the
+    context would produce the continuation (lm-eval's second loglikelihood value).
+    """
     cache = make_prompt_cache(model)
     first = model(mx.array([context]), cache=cache)[:, -1].astype(mx.float32)  # (1, V)
     first = first - fastmath.logsumexp(first)[..., None]
     heads = mx.array([c[0] for c in conts])
     scores = first[0][heads]  # (C,): log p(first token of each choice | context)
+    greedy = mx.argmax(first[0]) == heads  # (C,)
     longest = max(len(c) for c in conts)
     if longest > 1:
         # Copy the context's keys/values once per choice; feed each choice but its last token,
@@ -276,7 +283,14 @@ def _continuation_logprobs(model: Any, context: list[int], conts: list[list[int]
         rest = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
         real = mx.arange(longest - 1)[None] < (mx.array([len(c) for c in conts])[:, None] - 1)
         scores = scores + (rest * real).sum(axis=-1)
-    return [float(x) for x in scores.tolist()]
+        hits = (mx.argmax(logits, axis=-1) == tokens[:, 1:]) | ~real  # (C, longest-1)
+        greedy = greedy & hits.all(axis=-1)
+    return list(zip((float(x) for x in scores.tolist()), (bool(g) for g in greedy.tolist())))
+
+
+def _continuation_logprobs(model: Any, context: list[int], conts: list[list[int]]) -> list[float]:
+    """Summed log-probability of each continuation after ``context``; context runs once."""
+    return [score for score, _ in continuation_scores(model, context, conts)]
 
 
 def choice_loglikelihoods(
@@ -294,24 +308,42 @@ def choice_loglikelihoods(
     Raises:
         DataError: a choice alone is longer than ``max_length`` tokens.
     """
-    pairs = [encode_pair(tokenizer, question.context, delimiter + c) for c in question.choices]
-    context = pairs[0][0]  # the context's tokens do not depend on the choice
-    conts = [cont for _, cont in pairs]
-    for choice, cont in zip(question.choices, conts):
+    conts = [delimiter + c for c in question.choices]
+    return [s for s, _ in pair_scores(model, tokenizer, question.context, conts, max_length)]
+
+
+def check_continuations(
+    context: str, texts: Sequence[str], conts: Sequence[list[int]], max_length: int
+) -> None:
+    """Raises DataError for a continuation with no token of its own or longer than max_length."""
+    for text, cont in zip(texts, conts):
         if not cont:
             raise DataError(
-                f"choice {choice!r} adds no token after the context {question.context[-40:]!r} "
+                f"choice {text!r} adds no token after the context {context[-40:]!r} "
                 "(it merges into the context's last token); use a delimiter such as ' '"
             )
+        if len(cont) > max_length:
+            raise DataError(f"a choice is {len(cont)} tokens, more than max_length={max_length}")
+
+
+def pair_scores(
+    model: Any, tokenizer: Any, context: str, continuations: Sequence[str], max_length: int = 2048
+) -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of each continuation string after one context string:
+    lm-eval's ``loglikelihood`` of requests sharing a context (split by :func:`encode_pair`).
+
+    Raises:
+        DataError: a continuation adds no token, or alone is longer than ``max_length`` tokens.
+    """
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    ctx = pairs[0][0]  # the context's tokens do not depend on the continuation
+    conts = [cont for _, cont in pairs]
+    check_continuations(context, continuations, conts, max_length)
     longest = max(len(c) for c in conts)
-    if longest > max_length:
-        raise DataError(f"a choice is {longest} tokens, more than max_length={max_length}")
-    if len(context) + longest <= max_length + 1:
-        return _continuation_logprobs(model, context, conts)
+    if len(ctx) + longest <= max_length + 1:
+        return continuation_scores(model, ctx, conts)
     # Too long: like lm-eval, each choice keeps as much context as fits beside it.
-    return [
-        _continuation_logprobs(model, context[-(max_length + 1 - len(c)) :], [c])[0] for c in conts
-    ]
+    return [continuation_scores(model, ctx[-(max_length + 1 - len(c)) :], [c])[0] for c in conts]
 
 
 def _stderr(hits: Sequence[float]) -> float:

@@ -41,3 +41,22 @@ def randomize_adapters(model: Any, seed: int = 0, std: float = 0.05) -> None:
     params = tree_flatten(model.trainable_parameters())
     model.load_weights([(k, v + std * mx.random.normal(v.shape)) for k, v in params], strict=False)
     mx.eval(model.parameters())
+
+
+def write_random_lora(folder: Path, out: Path, seed: int = 0) -> Path:
+    """A LoRA adapter folder (rank 4 on the last two layers' qkv) with N(0, 1) weights."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_openelm.loading import load_model
+
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]}
+    model, _ = load_model(folder)
+    model.freeze()
+    linear_to_lora_layers(model, 2, lora)
+    mx.random.seed(seed)
+    params = {k: mx.random.normal(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), params)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out

@@ -397,24 +397,12 @@ def test_cli_eval_missing_model(tmp_path):
 
 def test_cli_perplexity_applies_the_adapter(tiny, tmp_path):
     """An adapter with non-zero LoRA weights changes the perplexity to that of the adapted model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from lora_helpers import write_random_lora
 
     from mlx_openelm.loading import load_adapters
 
     folder, model, tok, _ = tiny
-    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]}
-    adapted, _ = load_model(folder)
-    adapted.freeze()
-    linear_to_lora_layers(adapted, 2, lora)
-    mx.random.seed(0)
-    params = {k: mx.random.normal(v.shape) for k, v in tree_flatten(adapted.trainable_parameters())}
-    out = tmp_path / "adapter"
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
-    (out / "adapter_config.json").write_text(json.dumps(config))
+    out = write_random_lora(folder, tmp_path / "adapter")
     data = tmp_path / "t.txt"
     data.write_text(TEXT)
     cmd = ["eval", "perplexity", "-m", str(folder), "--data", str(data), "--seq-len", "32"]
