@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GenerationError
+from .errors import GenerationError, short
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -58,33 +58,47 @@ FLAGS = {
     "max_kv_size": "--max-kv-size",
     "kv_bits": "--kv-bits",
     "num_draft_tokens": "--num-draft",
+    "seed": "--seed",
     "stop": "--stop",
 }
 
 
-def _finite_at_least(low: float) -> Callable[[Any], bool]:
-    return lambda v: math.isfinite(v) and v >= low
+_INT_MAX = 2**31 - 1  # counts and sizes: beyond this mlx-lm's int32 arithmetic overflows
+
+
+def _number(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+    """A rule for a float option: a real, finite number (not a bool, not a string) passing
+    ``test``."""
+    return lambda v: (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+    )
+
+
+def _integer(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: type(v) is int and low <= v <= high), f"an integer from {low} to {high}"
 
 
 # field -> (is the value valid, what valid means, a hint for the CLI). None is valid for the
-# optional fields (repetition_penalty, max_kv_size, kv_bits) and is never passed to a rule.
+# optional fields (repetition_penalty, seed, max_kv_size, kv_bits) and is never passed to a
+# rule. Every rule checks the type too: the server and the Python API pass values unparsed.
 _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "max_tokens": (lambda v: v > 0, "a positive integer", ""),
-    "temp": (_finite_at_least(0), ">= 0", "(0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "(1 = off)"),
-    "top_k": (lambda v: v >= 0, ">= 0", "(0 = off)"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]", "(0 = off)"),
+    "max_tokens": (*_integer(1, _INT_MAX), ""),
+    "temp": (_number(lambda v: v >= 0), ">= 0", "(0 = greedy)"),
+    "top_p": (_number(lambda v: 0 < v <= 1), "in (0, 1]", "(1 = off)"),
+    "top_k": (*_integer(0, _INT_MAX), "(0 = off)"),
+    "min_p": (_number(lambda v: 0 <= v <= 1), "in [0, 1]", "(0 = off)"),
     "repetition_penalty": (
-        lambda v: math.isfinite(v) and v > 0,
+        _number(lambda v: v > 0),
         "> 0",
         "(1 = off; 1.1-1.3 discourages repeats)",
     ),
-    "repetition_context_size": (lambda v: v > 0, "a positive integer", ""),
-    "max_kv_size": (lambda v: v > 0, "> 0", ""),
-    "kv_bits": (lambda v: v in KV_BITS, f"one of {KV_BITS}", ""),
-    "kv_group_size": (lambda v: v > 0, "> 0", ""),
-    "quantized_kv_start": (lambda v: v >= 0, ">= 0", ""),
-    "num_draft_tokens": (lambda v: v > 0, "> 0", ""),
+    "repetition_context_size": (*_integer(1, _INT_MAX), ""),
+    "seed": (*_integer(0, 2**64 - 1), ""),  # MLX seeds with an unsigned 64-bit integer
+    "max_kv_size": (*_integer(1, _INT_MAX), ""),
+    "kv_bits": (lambda v: type(v) is int and v in KV_BITS, f"one of {KV_BITS}", ""),
+    "kv_group_size": (lambda v: type(v) is int and v in (32, 64, 128), "32, 64 or 128", ""),
+    "quantized_kv_start": (*_integer(0, _INT_MAX), ""),
+    "num_draft_tokens": (*_integer(1, 1024), ""),
 }
 
 
@@ -161,15 +175,18 @@ class GenerationOptions:
             name, valid, hint = bad
             flag = f" ({FLAGS[name]})" if name in FLAGS else ""
             must = f"{valid} {hint}" if hint else valid
-            raise GenerationError(f"{name}{flag} must be {must}, got {getattr(self, name)!r}")
+            value = short(repr(getattr(self, name)), 60)
+            raise GenerationError(f"{name}{flag} must be {must}, got {value}")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise GenerationError(
                 "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
                 "cannot quantize a rotating cache; drop one of them"
             )
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
+            if not isinstance(s, str) or not s or not _is_utf8(s):
+                raise GenerationError(
+                    f"stop strings (--stop) must be non-empty UTF-8 text, got {short(repr(s))}"
+                )
         return self
 
     def check_with_draft(self) -> None:
@@ -198,6 +215,14 @@ class GenerationOptions:
             repetition_penalty=self.repetition_penalty,
             repetition_context_size=self.repetition_context_size,
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 class StopMatcher:

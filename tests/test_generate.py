@@ -209,10 +209,17 @@ def test_quantized_kv_cache(tiny_spm, tmp_path):
         ({"top_p": 1.5}, "top_p (--top-p) must be in (0, 1]"),
         ({"top_p": 0.0}, "top_p (--top-p) must be in (0, 1]"),
         ({"temp": -0.1}, "temp (--temp) must be >= 0"),
-        ({"max_tokens": 0}, "max_tokens (--max-tokens) must be a positive integer"),
+        ({"max_tokens": 0}, "max_tokens (--max-tokens) must be an integer from 1 to"),
         ({"kv_bits": 7}, "kv_bits (--kv-bits) must be one of"),
         ({"stop": [""]}, "stop strings (--stop) must be non-empty"),
         ({"kv_bits": 4, "max_kv_size": 64}, "kv_bits (--kv-bits) cannot be combined"),
+        ({"seed": -1}, "seed (--seed) must be an integer from 0 to 18446744073709551615"),
+        ({"seed": 2**70}, "seed (--seed) must be an integer from 0"),
+        ({"temp": "hot"}, "temp (--temp) must be >= 0"),
+        ({"top_k": 1.5}, "top_k (--top-k) must be an integer"),
+        ({"temp": float("nan")}, "temp (--temp) must be >= 0"),
+        ({"kv_group_size": 7}, "kv_group_size must be 32, 64 or 128"),
+        ({"stop": ["\udcff"]}, "stop strings (--stop) must be non-empty UTF-8 text"),
     ],
 )
 def test_bad_options_raise(inst, option, message):
