@@ -13,6 +13,7 @@ This file lives at the repository root and is installed as ``mlx_openelm.cli`` (
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -43,9 +44,19 @@ from mlx_openelm.cli_common import (
     err,
     out,
 )
-from mlx_openelm.errors import OpenELMError
+from mlx_openelm.errors import OpenELMError, OpenELMWarning, short
+from mlx_openelm.outputs import DISK_FULL, disk_full_error
 
 _state = {"debug": False}
+MAX_ERROR_CHARS = 2000  # an error line quoting a huge value keeps its head (what) and tail (how)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Library warnings (``OpenELMWarning``) as one yellow line; others as Python prints them."""
+    if issubclass(category, OpenELMWarning):
+        err.print(f"[yellow]Warning:[/] {escape(short(message, MAX_ERROR_CHARS))}")
+    else:
+        err.print(warnings.formatwarning(message, category, filename, lineno, line), end="")
 
 
 class _Group(TyperGroup):
@@ -53,11 +64,16 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
-        except OpenELMError as e:
-            if _state["debug"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", OpenELMWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
+        except (OpenELMError, OSError) as e:
+            if _state["debug"] or not isinstance(e, OpenELMError) and e.errno not in DISK_FULL:
                 raise
-            err.print(f"[bold red]Error:[/] {escape(str(e))}")
+            if not isinstance(e, OpenELMError):  # a save outside the folder writer
+                e = disk_full_error(e, e.filename or ".")
+            err.print(f"[bold red]Error:[/] {escape(short(e, MAX_ERROR_CHARS))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if _state["debug"]:

@@ -223,14 +223,16 @@ def bench(
         on_trial: called with ``(row_name, trial_index, Trial)`` after each timed run.
 
     Raises:
-        GenerationError: a count below 1. Loading errors as in :func:`mlx_openelm.load`.
+        GenerationError: a count below 1, or a prompt longer than the context. Loading errors
+            as in :func:`mlx_openelm.load`.
     """
-    from .generate import stream_generate
+    from .generate import check_prompt_length, stream_generate
     from .loading import load, resolve_model_path
 
     _check(prompt_tokens, generation_tokens, trials)
     folder = resolve_model_path(model)
     ours, tokenizer = load(folder)
+    check_prompt_length(ours, prompt_tokens, generation_tokens)
     runners = [(OUR_ROW, stream_generate, ours)]
     if compare_mlx_lm:
         from mlx_lm import stream_generate as mlx_lm_stream_generate

@@ -192,6 +192,20 @@ def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
     return report
 
 
+def _read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 (the terminal's decoding would raise)."""
+    from mlx_openelm.errors import GenerationError
+
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise GenerationError(
+            f"the prompt on stdin is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+            f"{e.start}); re-encode it as UTF-8"
+        ) from None
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)  # not rich: model text must not be read as markup
     sys.stdout.flush()
@@ -215,17 +229,23 @@ def generate(
     with --raw); otherwise greedy, no penalty, no prompt lookup.
     """
     from mlx_openelm.errors import GenerationError
-    from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
+    from mlx_openelm.generate import (
+        build_prompt,
+        check_prompt_length,
+        format_stats,
+        load_for_generation,
+    )
     from mlx_openelm.generate import stream_generate as stream
     from mlx_openelm.lookup import LookupStats
 
-    text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
+    text = _read_stdin() if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
     ids = build_prompt(tok, text, system, raw)
+    check_prompt_length(m, len(ids), (options or GenerationOptions()).max_tokens)
     if not raw:
         options = _with_model_defaults(options, explicit, model, False, draft is not None)
     last, drafted, lookup = None, 0, LookupStats()

@@ -17,6 +17,7 @@ actually switch on within OpenELM's 2048-token context, and draft-model checks. 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import GenerationError, ModelNotFoundError
+from .errors import GenerationError, ModelNotFoundError, OpenELMWarning
 from .generate_options import GenerationOptions, StopMatcher  # re-exported
 from .lookup import LookupStats
 from .penalties import with_history
@@ -69,6 +70,45 @@ def check_draft_model(
             f"the draft model has a {theirs}-token vocabulary but the model has {ours}; "
             "speculative decoding needs the same tokenizer: use a smaller OpenELM (e.g. "
             "apple/OpenELM-270M-Instruct) as --draft-model"
+        )
+
+
+def check_prompt_length(model: nn.Module, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuse a prompt longer than the model's context; warn when the reply would run past it.
+
+    Raises:
+        GenerationError: the prompt alone does not fit the context.
+    """
+    context = getattr(getattr(model, "args", None), "max_context_length", None)
+    if not isinstance(context, int):
+        return
+    if prompt_tokens > context:
+        raise GenerationError(
+            f"the prompt is {prompt_tokens} tokens but the model's context holds {context}; "
+            f"shorten it by at least {prompt_tokens - context} tokens"
+        )
+    if prompt_tokens + max_tokens > context:
+        warnings.warn(
+            f"the prompt ({prompt_tokens} tokens) + --max-tokens {max_tokens} run past the "
+            f"{context}-token context: tokens beyond position {context} are past what the model "
+            "was trained on",
+            OpenELMWarning,
+            stacklevel=2,
+        )
+
+
+def check_kv_bits(model: nn.Module, kv_bits: int | None, kv_group_size: int) -> None:
+    """A quantized KV cache needs the head size to be a multiple of its group size.
+
+    Raises:
+        GenerationError: ``kv_bits`` is set and this model's heads cannot be grouped.
+    """
+    head_dim = getattr(getattr(model, "args", None), "head_dim", None)
+    if kv_bits is not None and isinstance(head_dim, int) and head_dim % kv_group_size:
+        raise GenerationError(
+            f"kv_bits (--kv-bits) needs the model's head size ({head_dim}) to be a multiple of "
+            f"the KV quantization group ({kv_group_size}); this model cannot quantize its "
+            "cache: drop --kv-bits"
         )
 
 
@@ -196,6 +236,9 @@ def stream_generate(
         option_keywords["max_tokens"] = max_tokens
     opts = GenerationOptions.of(options, **option_keywords).validate()
     opts.check_logit_bias(vocab_size(model))
+    check_kv_bits(model, opts.kv_bits, opts.kv_group_size)
+    if draft_model is not None:
+        check_kv_bits(draft_model, opts.kv_bits, opts.kv_group_size)
     ids = _prompt_ids(tokenizer, prompt)
     processors = opts.logits_processors(start=len(context) + ids.size)
     if opts.prompt_lookup_num_tokens is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .choices import RepetitionScope, values
-from .errors import GenerationError
+from .errors import GenerationError, short
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -65,6 +65,7 @@ FLAGS = {
     "max_kv_size": "--max-kv-size",
     "kv_bits": "--kv-bits",
     "num_draft_tokens": "--num-draft",
+    "seed": "--seed",
     "stop": "--stop",
     "repetition_scope": "--repetition-scope",
     "presence_penalty": "--presence-penalty",
@@ -75,42 +76,54 @@ FLAGS = {
 }
 
 
-def _finite_at_least(low: float) -> Callable[[Any], bool]:
-    return lambda v: math.isfinite(v) and v >= low
+_INT_MAX = 2**31 - 1  # counts and sizes: beyond this mlx-lm's int32 arithmetic overflows
+
+
+def _number(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+    """A rule for a float option: a real, finite number (not a bool, not a string) passing
+    ``test``."""
+    return lambda v: (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+    )
+
+
+def _integer(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: type(v) is int and low <= v <= high), f"an integer from {low} to {high}"
 
 
 # field -> (is the value valid, what valid means, a hint for the CLI). None is valid for the
-# optional fields (repetition_penalty, max_kv_size, kv_bits) and is never passed to a rule.
+# optional fields (repetition_penalty, seed, max_kv_size, kv_bits) and is never passed to a
+# rule. Every rule checks the type too: the server and the Python API pass values unparsed.
 _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "max_tokens": (lambda v: v > 0, "a positive integer", ""),
-    "temp": (_finite_at_least(0), ">= 0", "(0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "(1 = off)"),
-    "top_k": (lambda v: v >= 0, ">= 0", "(0 = off)"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]", "(0 = off)"),
+    "max_tokens": (*_integer(1, _INT_MAX), ""),
+    "temp": (_number(lambda v: v >= 0), ">= 0", "(0 = greedy)"),
+    "top_p": (_number(lambda v: 0 < v <= 1), "in (0, 1]", "(1 = off)"),
+    "top_k": (*_integer(0, _INT_MAX), "(0 = off)"),
+    "min_p": (_number(lambda v: 0 <= v <= 1), "in [0, 1]", "(0 = off)"),
     "repetition_penalty": (
-        lambda v: math.isfinite(v) and v > 0,
+        _number(lambda v: v > 0),
         "> 0",
         "(1 = off; 1.1-1.3 discourages repeats)",
     ),
-    "repetition_context_size": (lambda v: v > 0, "a positive integer", ""),
-    "max_kv_size": (lambda v: v > 0, "> 0", ""),
-    "kv_bits": (lambda v: v in KV_BITS, f"one of {KV_BITS}", ""),
-    "kv_group_size": (lambda v: v > 0, "> 0", ""),
-    "quantized_kv_start": (lambda v: v >= 0, ">= 0", ""),
-    "num_draft_tokens": (lambda v: v > 0, "> 0", ""),
+    "repetition_context_size": (*_integer(1, _INT_MAX), ""),
+    "seed": (*_integer(0, 2**64 - 1), ""),  # MLX seeds with an unsigned 64-bit integer
+    "max_kv_size": (*_integer(1, _INT_MAX), ""),
+    "kv_bits": (lambda v: type(v) is int and v in KV_BITS, f"one of {KV_BITS}", ""),
+    "kv_group_size": (lambda v: type(v) is int and v in (32, 64, 128), "32, 64 or 128", ""),
+    "quantized_kv_start": (*_integer(0, _INT_MAX), ""),
+    "num_draft_tokens": (*_integer(1, 1024), ""),
     "repetition_scope": (
         lambda v: v in REPETITION_SCOPES,
         "'context' or 'window'",
         "(context: every token, as Hugging Face; window: the last repetition_context_size)",
     ),
-    "presence_penalty": (lambda v: math.isfinite(v) and -2 <= v <= 2, "in [-2, 2]", "(0 = off)"),
-    "frequency_penalty": (lambda v: math.isfinite(v) and -2 <= v <= 2, "in [-2, 2]", "(0 = off)"),
+    "presence_penalty": (_number(lambda v: -2 <= v <= 2), "in [-2, 2]", "(0 = off)"),
+    "frequency_penalty": (_number(lambda v: -2 <= v <= 2), "in [-2, 2]", "(0 = off)"),
     "prompt_lookup_num_tokens": (
-        lambda v: 1 <= v <= MAX_LOOKUP_TOKENS,
-        f"in 1..{MAX_LOOKUP_TOKENS}",
+        *_integer(1, MAX_LOOKUP_TOKENS),
         "(Apple suggests 10; 0 or leaving it out: plain decoding)",
     ),
-    "prompt_lookup_max_ngram": (lambda v: 1 <= v <= 8, "in 1..8", "(Hugging Face uses 2)"),
+    "prompt_lookup_max_ngram": (*_integer(1, 8), "(Hugging Face uses 2)"),
 }
 
 
@@ -205,15 +218,18 @@ class GenerationOptions:
             name, valid, hint = bad
             flag = f" ({FLAGS[name]})" if name in FLAGS else ""
             must = f"{valid} {hint}" if hint else valid
-            raise GenerationError(f"{name}{flag} must be {must}, got {getattr(self, name)!r}")
+            value = short(repr(getattr(self, name)), 60)
+            raise GenerationError(f"{name}{flag} must be {must}, got {value}")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise GenerationError(
                 "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
                 "cannot quantize a rotating cache; drop one of them"
             )
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
+            if not isinstance(s, str) or not s or not _is_utf8(s):
+                raise GenerationError(
+                    f"stop strings (--stop) must be non-empty UTF-8 text, got {short(repr(s))}"
+                )
         self.check_logit_bias()
         if self.prompt_lookup_num_tokens is not None and self.max_kv_size is not None:
             raise GenerationError(
@@ -290,6 +306,14 @@ class GenerationOptions:
             frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias),
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 class StopMatcher:

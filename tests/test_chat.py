@@ -295,9 +295,12 @@ def test_save_and_load_transcript(dirs, inst, tmp_path):
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
-        (None, "cannot read transcript"),
-        (b"\xff\xfe not utf-8", "cannot read transcript"),
-        (b'{"role": "user", "content": "hi"}\nnot json\n', ":2 is not JSON"),
+        (None, "cannot read"),
+        (b"\xff\xfe not utf-8", ":1: not valid UTF-8"),
+        (b'{"role": "user", "content": "hi"}\nnot json\n', ":2: malformed JSON"),
+        (b'{"role": "user", "content": ' + b"9" * 5000 + b"}\n", ":1: bad JSON value"),
+        (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: JSON nested too deeply"),
+        (b'{"role": "user", "content": "\\ud800"}\n', ":1: a string at content holds a lone"),
         (b'{"role": "robot", "content": "hi"}\n', ':1: expected {"role"'),
         (
             b'{"role": "user", "content": "hi"}\n{"role": "system", "content": "x"}\n',

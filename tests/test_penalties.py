@@ -78,7 +78,7 @@ def test_with_history_prepends_the_cached_tokens():
     ("changes", "fragment"),
     [
         ({"prompt_lookup_num_tokens": 0}, "--prompt-lookup"),
-        ({"prompt_lookup_num_tokens": 1000}, "in 1..64"),
+        ({"prompt_lookup_num_tokens": 1000}, "from 1 to 64"),
         ({"prompt_lookup_max_ngram": 0}, "--prompt-lookup-ngram"),
         ({"repetition_penalty": 0.0}, "--repetition-penalty"),
         ({"repetition_penalty": -1.2}, "> 0"),

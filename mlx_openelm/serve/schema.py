@@ -25,6 +25,7 @@ DEFAULT_MAX_QUEUE = 8
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+_INT_MAX = 2**31 - 1  # token counts: beyond this, int32 arithmetic in MLX overflows
 
 
 class APIError(Exception):
@@ -120,16 +121,16 @@ def parse_request(
     for name in ("n", "best_of"):
         _integer(body, name, minimum=1, maximum=1)
     if chat:
-        max_tokens = _integer(body, "max_completion_tokens", minimum=1)
+        max_tokens = _integer(body, "max_completion_tokens", minimum=1, maximum=_INT_MAX)
         if max_tokens is None:
-            max_tokens = _integer(body, "max_tokens", minimum=1)
+            max_tokens = _integer(body, "max_tokens", minimum=1, maximum=_INT_MAX)
         top_logprobs = None
         if _boolean(body, "logprobs", False):
             top_logprobs = _integer(body, "top_logprobs", 0, minimum=0, maximum=MAX_TOP_LOGPROBS)
     else:
         if _boolean(body, "echo", False):
             raise invalid("echo", "is not supported; send false or leave it out")
-        max_tokens = _integer(body, "max_tokens", minimum=1)
+        max_tokens = _integer(body, "max_tokens", minimum=1, maximum=_INT_MAX)
         top_logprobs = _integer(body, "logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
