@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,8 +23,9 @@ import mlx.core as mx
 
 from mlx_openelm.choices import ChatTemplate, DType, values
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.errors import ConfigError, OutputExistsError
+from mlx_openelm.errors import ConfigError, OpenELMWarning, OutputExistsError, WeightsError
 from mlx_openelm.folder import write_model_folder
+from mlx_openelm.outputs import check_replaceable
 
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
 from .quality import QualityReport, quantization_quality
@@ -111,6 +113,7 @@ def convert(
     force: bool = False,
     revision: str | None = None,
     on_progress: Callable[[ConvertProgress], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> ConvertResult:
     """Convert a checkpoint into an MLX model folder.
 
@@ -132,6 +135,8 @@ def convert(
         force: replace an existing ``output``.
         revision: hub revision (branch, tag or commit) for a repo id.
         on_progress: called with a :class:`ConvertProgress` after each tensor is written.
+        allow_nonfinite: write tensors holding NaN or infinity (with a warning naming them)
+            instead of refusing.
 
     Returns:
         A :class:`ConvertResult`.
@@ -146,6 +151,8 @@ def convert(
         raise OutputExistsError(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
+    if output.exists():
+        check_replaceable(output)  # before the slow part; the writer checks again at the end
     out_dtype_name = _check_options(dtype, chat_template)
     plan_options = (bits, group_size, mixed) if (quantize or mixed) else None
     if plan_options:
@@ -164,13 +171,17 @@ def convert(
     # last tensor (_Pending is not JSON-serialisable, so any earlier use fails loudly).
     hashing = _Background(_source_record, cps)
     config = _output_config(cp.args, _Pending(), out_dtype_name, plan)
-    stream = _stream(tensors, DTYPES[out_dtype_name], on_progress)
+    nonfinite: list[str] = []
+    stream = _stream(tensors, DTYPES[out_dtype_name], on_progress, nonfinite)
+    stream = _then(stream, lambda: check_finite(nonfinite, allow_nonfinite))
     if plan is not None:
         stream = quantize_stream(stream, plan)
     stream = _then(stream, lambda: config.update(source=hashing.result()))
+    bits = plan.bits_per_weight(_shapes(tensors)) if plan else 8 * DTYPES[out_dtype_name].size
     totals = write_model_folder(
-        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force
-    )
+        output, config, stream, tokenizer=tok, generation_config=cp.generation_config, force=force,
+        expected_bytes=int(cp.args.num_parameters() * bits / 8),
+    )  # fmt: skip
     if quality is None:
         quality = mx.default_device().type == mx.DeviceType.gpu
     report = None
@@ -268,6 +279,24 @@ class _Background:
         return self._value
 
 
+def check_finite(names: Sequence[str], allow: bool) -> None:
+    """Refuse weights with NaN/inf (a diverged or damaged checkpoint), or warn when allowed.
+
+    Raises:
+        WeightsError: ``names`` is not empty and ``allow`` is False.
+    """
+    if not names:
+        return
+    listed = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    if not allow:
+        raise WeightsError(
+            f"{len(names)} tensor(s) hold NaN or infinite values: {listed}; the checkpoint "
+            "diverged or is damaged (or overflows --dtype float16: try bfloat16). Pass "
+            "--allow-nonfinite to convert it anyway"
+        )
+    warnings.warn(f"converted with NaN/infinite values in {listed}", OpenELMWarning, stacklevel=2)
+
+
 def _then(items: Iterable[Any], finish: Callable[[], None]) -> Iterator[Any]:
     """Yield ``items``, then call ``finish()`` once they are exhausted."""
     yield from items
@@ -298,12 +327,17 @@ def _stream(
     tensors: Mapping[str, TensorRef],
     dtype: mx.Dtype,
     on_progress: Callable[[ConvertProgress], None] | None,
+    nonfinite: list[str],
 ) -> Iterator[tuple[str, mx.array]]:
-    """Read, cast and hand on one tensor at a time, reporting progress after each."""
+    """Read, cast and hand on one tensor at a time, reporting progress after each; the names of
+    tensors holding NaN or infinity (after the cast: float16 overflows too) go to ``nonfinite``."""
     total = sum(ref.nbytes for ref in tensors.values())
     done = 0
     for i, (name, ref) in enumerate(tensors.items()):
-        yield name, ref.to_mlx(dtype)
+        array = ref.to_mlx(dtype)
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.isfinite(array).all().item():
+            nonfinite.append(name)
+        yield name, array
         done += ref.nbytes
         if on_progress is not None:
             on_progress(

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import WeightsError
 from mlx_openelm.loading import load_model
 from mlx_openelm.model import TransformerBlock
 from mlx_openelm.tokenizer import Tokenizer
@@ -80,6 +81,13 @@ def quantization_quality(
     model, _ = load_model(folder, lazy=True)
     model.set_dtype(mx.float32)  # scales, biases and norms; packed weights stay packed
     q_logits = model(tokens)[0].astype(mx.float32)
+    for name, logits in (("unquantized", ref_logits), ("quantized", q_logits)):
+        if not mx.isfinite(logits).all().item():
+            raise WeightsError(
+                f"quality probe: the {name} model's logits hold NaN or infinity, so its KL cost "
+                f"means nothing ({folder} was written); the weights overflow or are damaged: "
+                "try --dtype bfloat16, or --no-quality"
+            )
     return _compare(ref_logits, q_logits, ids)
 
 

@@ -238,11 +238,11 @@ def bench(
         compare_llama_cpp: also export the folder to GGUF and time it in llama.cpp.
 
     Raises:
-        GenerationError: a count below 1. MissingDependencyError: no llama-cpp-python (when
-            asked).
-        Loading errors as in :func:`mlx_openelm.load`.
+        GenerationError: a count below 1, or a prompt longer than the context.
+        MissingDependencyError: no llama-cpp-python (when asked). Loading errors as in
+            :func:`mlx_openelm.load`.
     """
-    from .generate import stream_generate
+    from .generate import check_prompt_length, stream_generate
     from .loading import load, resolve_model_path
 
     _check(prompt_tokens, generation_tokens, trials)
@@ -252,6 +252,7 @@ def bench(
 
         require_llama_cpp()  # before anything slow
     ours, tokenizer = load(folder)
+    check_prompt_length(ours, prompt_tokens, generation_tokens)
     models = [(OUR_ROW, stream_generate, ours)]
     if compare_mlx_lm:
         from mlx_lm import stream_generate as mlx_lm_stream_generate

@@ -19,6 +19,7 @@ __all__ = [
     "LRSchedule",
     "MixedPreset",
     "OptimizerName",
+    "RepetitionScope",
     "SourceFormat",
     "bit_widths",
     "values",
@@ -117,3 +118,10 @@ class OptimizerName(str, Enum):
 def bit_widths(choices: type[Bits] | type[GroupSize]) -> tuple[int, ...]:
     """The integer values of :class:`Bits` or :class:`GroupSize`."""
     return tuple(int(v) for v in values(choices))
+
+
+class RepetitionScope(str, Enum):
+    """Which tokens the repetition penalty counts."""
+
+    context = "context"  # Hugging Face / Apple: every token of the prompt and the reply
+    window = "window"  # mlx-lm: the last repetition_context_size tokens

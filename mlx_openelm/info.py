@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .config import ModelArgs
+from .errors import TokenizerError
 from .folder import safetensors_header
+from .jsonio import read_json
 from .loading import load_config, resolve_model_path
 
 
@@ -21,7 +22,7 @@ def describe_model(model: str | Path) -> dict[str, Any]:
         header = safetensors_header(f)
         dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
     tok_cfg = folder / "tokenizer_config.json"
-    has_template = tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
+    has_template = tok_cfg.is_file() and "chat_template" in read_json(tok_cfg, TokenizerError)
     return {
         "path": str(folder),
         "parameters": args.num_parameters(),

@@ -197,6 +197,11 @@ def test_unreadable_adapter_folders_are_adapter_errors(tiny_model_dir, lora_dir,
     (broken / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="lora_parameters needs 'rank' and 'scale'"):
         load(tiny_model_dir, adapter_path=broken)
+    for field, value in (("rank", "8"), ("scale", float("nan")), ("dropout", 2.0)):
+        config["lora_parameters"] = {"rank": 8, "scale": 2.0, field: value}
+        (broken / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(AdapterError, match=f"'{field}' has the impossible value"):
+            load(tiny_model_dir, adapter_path=broken)
     (broken / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterError, match="is not valid JSON"):
+    with pytest.raises(AdapterError, match="adapter_config.json: malformed JSON"):
         load(tiny_model_dir, adapter_path=broken)
