@@ -13,6 +13,7 @@ This file lives at the repository root and is installed as ``mlx_openelm.cli`` (
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -21,15 +22,27 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mlx_openelm import __version__, cli_convert, cli_generate, cli_lm_eval, cli_lora
+from mlx_openelm import (
+    __version__,
+    cli_convert,
+    cli_export,
+    cli_generate,
+    cli_lm_eval,
+    cli_lora,
+)
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
     FastBlasOpt,
+    FrequencyOpt,
     JsonOpt,
     LazyProgress,
     MaxTokensOpt,
     ModelOpt,
+    PresenceOpt,
+    PromptLookupOpt,
+    RepPenaltyOpt,
+    RepScopeOpt,
     SeedOpt,
     TempOpt,
     TokenizerOpt,
@@ -38,9 +51,19 @@ from mlx_openelm.cli_common import (
     err,
     out,
 )
-from mlx_openelm.errors import OpenELMError
+from mlx_openelm.errors import OpenELMError, OpenELMWarning, short
+from mlx_openelm.outputs import DISK_FULL, disk_full_error
 
 _state = {"debug": False}
+MAX_ERROR_CHARS = 2000  # an error line quoting a huge value keeps its head (what) and tail (how)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Library warnings (``OpenELMWarning``) as one yellow line; others as Python prints them."""
+    if issubclass(category, OpenELMWarning):
+        err.print(f"[yellow]Warning:[/] {escape(short(message, MAX_ERROR_CHARS))}")
+    else:
+        err.print(warnings.formatwarning(message, category, filename, lineno, line), end="")
 
 
 class _Group(TyperGroup):
@@ -48,11 +71,16 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
-        except OpenELMError as e:
-            if _state["debug"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", OpenELMWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
+        except (OpenELMError, OSError) as e:
+            if _state["debug"] or not isinstance(e, OpenELMError) and e.errno not in DISK_FULL:
                 raise
-            err.print(f"[bold red]Error:[/] {escape(str(e))}")
+            if not isinstance(e, OpenELMError):  # a save outside the folder writer
+                e = disk_full_error(e, e.filename or ".")
+            err.print(f"[bold red]Error:[/] {escape(short(e, MAX_ERROR_CHARS))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if _state["debug"]:
@@ -127,6 +155,7 @@ app.command()(cli_lora.fuse)
 app.command("export-peft")(cli_lora.export_peft)
 app.command("import-peft")(cli_lora.import_peft)
 app.command("plot")(cli_lora.plot_cmd)
+app.command("export-gguf")(cli_export.export_gguf)  # GGUF export issue
 
 
 # === eval / bench / doctor ===
@@ -254,6 +283,10 @@ def bench_command(
     compare_mlx_lm: Annotated[
         bool, typer.Option("--compare-mlx-lm", help="Also time mlx-lm on the same folder.")
     ] = False,
+    compare_llama_cpp: Annotated[
+        bool,
+        typer.Option("--compare-llama-cpp", help="Also time llama.cpp on it, exported to GGUF."),
+    ] = False,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
     fast_blas: FastBlasOpt = False,
@@ -262,7 +295,10 @@ def bench_command(
     apply_fast_blas(fast_blas)
     from mlx_openelm.bench import bench, format_bench
 
-    report = bench(model, prompt_tokens, generation_tokens, trials, compare_mlx_lm, seed=seed or 0)
+    report = bench(
+        model, prompt_tokens, generation_tokens, trials, compare_mlx_lm, seed=seed or 0,
+        compare_llama_cpp=compare_llama_cpp,
+    )  # fmt: skip
     if as_json:
         return _print_json(report.to_dict())
     out.print(format_bench(report), markup=False)
@@ -281,7 +317,6 @@ def doctor(as_json: JsonOpt = False, fast_blas: FastBlasOpt = False) -> None:
 
 
 # === serve ===
-from mlx_openelm.generate_options import GenerationOptions  # noqa: E402 (no MLX import)
 from mlx_openelm.serve.schema import (  # noqa: E402 (stdlib only: no MLX, no server stack)
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -293,6 +328,7 @@ _SERVE = ServerSettings()  # the one place the server's defaults live
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
@@ -311,18 +347,29 @@ def serve(
     max_tokens: MaxTokensOpt = _SERVE.generation.max_tokens,
     temp: TempOpt = _SERVE.generation.temp,
     top_p: TopPOpt = _SERVE.generation.top_p,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_scope: RepScopeOpt = None,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FrequencyOpt = 0.0,
+    prompt_lookup_num_tokens: PromptLookupOpt = None,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
     ] = _SERVE.max_queue,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) locally.
 
-    --max-tokens, --temp and --top-p apply to requests that do not set them.
+    The generation flags apply to requests that do not set them. Instruct models get Apple's
+    decoding unless set: --repetition-penalty 1.2 over the whole context, --prompt-lookup 10
+    (the model's generation_config.json fields come first).
     """
     import logging
 
-    generation = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p)
-    settings = ServerSettings(api_key=api_key, generation=generation, max_queue=max_queue)
+    flags = dict(locals())
+    generation = cli_generate.options_from_flags(flags)
+    explicit = cli_generate.explicit_flags(ctx, flags)
+    settings = ServerSettings(
+        api_key=api_key, generation=generation, max_queue=max_queue, explicit=explicit
+    )
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
 

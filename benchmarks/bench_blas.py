@@ -46,10 +46,10 @@ TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.mo
 DTYPES = ("float32", "bfloat16", "4-bit")
 PROBE = list(range(1, 17))  # fixed prompt for the identical-results check
 BENCH_NOTES = (
-    "Reading it: fp32 decode streams its weights as fast as MLX reads memory here (≈100%: the "
-    "bandwidth is measured in the same busy process, so it can land a little under); bfloat16 "
-    "and 4-bit decode are bound by MLX's CPU kernels, not by memory. Ours and mlx-lm's "
-    "implementation are equally fast."
+    "Reading it: the decode limit is the machine's read bandwidth measured outside MLX (NumPy, "
+    "one reader process per core; see `## Decode limit`), so float32 decode sits well below it: "
+    "MLX's CPU kernels, not memory, bound every dtype here. Ours and mlx-lm's implementation are "
+    "equally fast."
 )
 # Observations from this machine's run, written above the table; edit them with new numbers.
 NOTES = (

@@ -1,17 +1,18 @@
 """Converters: every checkpoint a user brings -> an MLX model folder, streaming and atomic.
 
 Sources (``sources``): a hub repo id, a local Hugging Face folder (safetensors or
-``pytorch_model.bin``, single or sharded), a CoreNet ``.pt`` with its training YAML or size, or
-several of one kind averaged. Each is opened lazily, renamed by its format's table
-(``hf.HF_RULES``, ``corenet.CORENET_RULES``), checked against the config, then streamed tensor by
-tensor — cast, optionally quantized (``quantize``), written (``mlx_openelm.folder``) — so peak
-memory stays near the largest tensor, not the model.
+``pytorch_model.bin``, single or sharded), a CoreNet ``.pt`` with its training YAML or size, an
+OpenELM GGUF (``gguf``), or several of one kind averaged. Each is opened lazily, renamed by its
+format's table (``hf.HF_RULES``, ``corenet.CORENET_RULES``), checked against the config, then
+streamed tensor by tensor — cast, optionally quantized (``quantize``), written
+(``mlx_openelm.folder``) — so peak memory stays near the largest tensor, not the model.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,8 +23,9 @@ import mlx.core as mx
 
 from mlx_openelm.choices import ChatTemplate, DType, values
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.errors import ConfigError, OutputExistsError
+from mlx_openelm.errors import ConfigError, OpenELMWarning, OutputExistsError, WeightsError
 from mlx_openelm.folder import write_model_folder
+from mlx_openelm.outputs import check_replaceable
 
 from .calibration import DEFAULT_SAMPLES
 from .checkpoint import Checkpoint, average_checkpoints, prepare_tensors
@@ -119,6 +121,7 @@ def convert(
     force: bool = False,
     revision: str | None = None,
     on_progress: Callable[[ConvertProgress], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> ConvertResult:
     """Convert a checkpoint into an MLX model folder.
 
@@ -126,7 +129,7 @@ def convert(
         source: a hub repo id, an HF folder, a CoreNet checkpoint file, or a list of several
             checkpoints of one kind, which are averaged (uniform mean, in float32).
         output: the folder to create (atomically; refused if it exists unless ``force``).
-        source_format: ``"hf"`` or ``"corenet"``; None detects it.
+        source_format: ``"hf"``, ``"corenet"`` or ``"gguf"``; None detects it.
         config_yaml: a CoreNet training YAML (``model.language_modeling.general_gpt``).
         size: instead of ``config_yaml``: ``270M``, ``450M``, ``1_1B`` or ``3B``.
         dtype: ``float16``, ``bfloat16`` or ``float32``; default float16 (bfloat16 for 3B).
@@ -149,6 +152,8 @@ def convert(
         force: replace an existing ``output``.
         revision: hub revision (branch, tag or commit) for a repo id.
         on_progress: called with a :class:`ConvertProgress` after each tensor is written.
+        allow_nonfinite: write tensors holding NaN or infinity (with a warning naming them)
+            instead of refusing.
 
     Returns:
         A :class:`ConvertResult`.
@@ -164,6 +169,8 @@ def convert(
         raise OutputExistsError(
             f"output {output} already exists; choose another path or pass --force to replace it"
         )
+    if output.exists():
+        check_replaceable(output)  # before the slow part; the writer checks again at the end
     out_dtype_name = _check_options(dtype, chat_template)
     quant = QuantOptions(enabled=quantize, bits=bits, group_size=group_size, mixed=mixed,
                          method=method, calibration=calibration,
@@ -187,8 +194,14 @@ def convert(
                                         tensors_done=n, tensors_total=count,
                                         name=name))  # fmt: skip
 
+    nonfinite: list[str] = []
+
+    def source_stream() -> Iterator[tuple[str, mx.array]]:
+        stream = _stream(tensors, out_dtype, on_progress, nonfinite)
+        return _then(stream, lambda: check_finite(nonfinite, allow_nonfinite))
+
     stream, quant_config, bpw = quant.tensors(
-        cp.args, tensors, tok, out_dtype, lambda: _stream(tensors, out_dtype, on_progress), on_write
+        cp.args, tensors, tok, out_dtype, source_stream, on_write
     )
     # Hashing the source files (4 GB for 1_1B) runs on another core while tensors are
     # converted; the record goes into config.json, which the writer serialises only after the
@@ -208,6 +221,7 @@ def convert(
     totals = write_model_folder(
         output, config, stream, tokenizer=tok, generation_config=cp.generation_config,
         force=force, check=probe if (quant_config and quality) else None,
+        expected_bytes=int(cp.args.num_parameters() * (bpw or 8 * out_dtype.size) / 8),
     )  # fmt: skip
     return ConvertResult(
         path=Path(totals["path"]),
@@ -252,6 +266,11 @@ def _tokenizer(cp: Checkpoint, tokenizer: str | Path | None, chat_template: str 
     model_file = resolve_tokenizer_file(model_dir=cp.folder, tokenizer=tokenizer)
     # From the source folder, the tokenizer keeps that folder's own chat template, if any.
     tok = Tokenizer.from_folder(cp.folder, model_file) if cp.folder else Tokenizer(model_file)
+    if cp.vocab is not None:  # a GGUF carries its vocabulary but no tokenizer.model
+        from .gguf import check_vocab
+
+        check_vocab(cp.vocab, tok, cp.name)
+    tok.chat_template = tok.chat_template or cp.chat_template
     if chat_template == "zephyr":
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     elif chat_template == "none":
@@ -300,6 +319,24 @@ class _Background:
         return self._value
 
 
+def check_finite(names: Sequence[str], allow: bool) -> None:
+    """Refuse weights with NaN/inf (a diverged or damaged checkpoint), or warn when allowed.
+
+    Raises:
+        WeightsError: ``names`` is not empty and ``allow`` is False.
+    """
+    if not names:
+        return
+    listed = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    if not allow:
+        raise WeightsError(
+            f"{len(names)} tensor(s) hold NaN or infinite values: {listed}; the checkpoint "
+            "diverged or is damaged (or overflows --dtype float16: try bfloat16). Pass "
+            "--allow-nonfinite to convert it anyway"
+        )
+    warnings.warn(f"converted with NaN/infinite values in {listed}", OpenELMWarning, stacklevel=2)
+
+
 def _then(items: Iterable[Any], finish: Callable[[], None]) -> Iterator[Any]:
     """Yield ``items``, then call ``finish()`` once they are exhausted."""
     yield from items
@@ -335,12 +372,17 @@ def _stream(
     tensors: Mapping[str, TensorRef],
     dtype: mx.Dtype,
     on_progress: Callable[[ConvertProgress], None] | None,
+    nonfinite: list[str],
 ) -> Iterator[tuple[str, mx.array]]:
-    """Read, cast and hand on one tensor at a time, reporting progress after each."""
+    """Read, cast and hand on one tensor at a time, reporting progress after each; the names of
+    tensors holding NaN or infinity (after the cast: float16 overflows too) go to ``nonfinite``."""
     total = sum(ref.nbytes for ref in tensors.values())
     done = 0
     for i, (name, ref) in enumerate(tensors.items()):
-        yield name, ref.to_mlx(dtype)
+        array = ref.to_mlx(dtype)
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.isfinite(array).all().item():
+            nonfinite.append(name)
+        yield name, array
         done += ref.nbytes
         if on_progress is not None:
             on_progress(

@@ -43,6 +43,8 @@ class Checkpoint:
         folder: the HF folder, where a tokenizer or generation config may be found.
         generation_config: the source's ``generation_config.json``, if any.
         files: the weight files (hashed into the source record).
+        chat_template: a chat template the weights carry (a GGUF's), if any.
+        vocab: the token pieces the weights carry (a GGUF's), checked against the tokenizer.
     """
 
     format: str
@@ -54,6 +56,8 @@ class Checkpoint:
     folder: Path | None = None
     generation_config: dict[str, Any] | None = None
     files: list[Path] = field(default_factory=list)
+    chat_template: str | None = None
+    vocab: list[str] | None = None
 
 
 def rename(name: str, rules: Iterable[Rule]) -> str | None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError
+from mlx_openelm.jsonio import read_yaml
 
 from .checkpoint import Checkpoint, Rule
 from .tensors import RowSlice, TensorRef, open_weight_files
@@ -33,10 +32,7 @@ def load_corenet_config(path: Path) -> ModelArgs:
     Raises:
         ConfigError: unreadable YAML, no such section, or an unknown ``model_name``.
     """
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read CoreNet config {path}: {e}") from e
+    data = read_yaml(path, ConfigError, "pass the CoreNet training YAML of the checkpoint")
     section: Any = data
     for key in _SECTION:
         section = section.get(key) if isinstance(section, dict) else None

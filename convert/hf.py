@@ -8,12 +8,12 @@ derived buffers some exports save.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, ModelNotFoundError, WeightsError
+from mlx_openelm.jsonio import read_json
 
 from .checkpoint import Checkpoint, Rule
 from .tensors import open_weight_files, read_index
@@ -57,12 +57,7 @@ def read_config(folder: Path) -> ModelArgs:
         ConfigError: unreadable JSON, another ``model_type`` or a bad field (naming the file).
     """
     path = folder / "config.json"
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path} must hold a JSON object with OpenELM's config fields")
+    params = read_json(path, ConfigError, "download it again")
     try:
         return ModelArgs.from_dict(params)
     except ConfigError as e:
@@ -104,10 +99,7 @@ def open_hf_folder(folder: Path, source: dict[str, Any] | None = None) -> Checkp
     gen_path = folder / "generation_config.json"
     generation_config = None
     if gen_path.is_file():
-        try:
-            generation_config = json.loads(gen_path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{gen_path} is not valid JSON ({e}); fix or remove it") from e
+        generation_config = read_json(gen_path, ConfigError, "fix or remove it")
     return Checkpoint(
         format="hf",
         args=args,

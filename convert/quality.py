@@ -116,8 +116,9 @@ def _check_finite(logits: mx.array, who: str, dtype: mx.Dtype) -> None:
     if bad.any().item():
         first = int(mx.argmax(bad).item())
         raise QuantizationError(
-            f"{who} gave NaN or infinite logits on the quality probe (first at token {first}); "
-            f"the activations overflow {dtype}: convert with --dtype bfloat16 or float32"
+            f"quality probe: the logits of {who} hold NaN or infinity (first at token {first}), "
+            f"so the cost means nothing and no folder was written; the weights overflow {dtype} "
+            "or are damaged: convert with --dtype bfloat16 or float32, or pass --no-quality"
         )
 
 

@@ -2,8 +2,9 @@
 
 Auto-detection: an existing folder is an HF folder (it needs ``config.json``); an HF weight file
 (``model.safetensors``, ``pytorch_model.bin``, their shards) inside such a folder means that
-folder; any other file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.safetensors``) is a CoreNet
-checkpoint; a name that is no path but looks like ``org/name`` is a hub repo id.
+folder; a ``.gguf`` file is a GGUF; any other file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
+``.safetensors``) is a CoreNet checkpoint; a name that is no path but looks like ``org/name`` is
+a hub repo id.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlx_openelm.loading import looks_like_repo_id
 
 from .checkpoint import Checkpoint
 from .corenet import open_corenet
+from .gguf import open_gguf
 from .hf import download, is_hf_folder, open_hf_folder
 
 FORMATS = values(SourceFormat)
@@ -24,7 +26,7 @@ _HF_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors
 
 
 def detect_format(source: str | Path) -> str:
-    """``"hf"`` or ``"corenet"`` for a source (see the module docstring).
+    """``"hf"``, ``"corenet"`` or ``"gguf"`` for a source (see the module docstring).
 
     Raises:
         ModelNotFoundError: the source is neither a file, a folder nor a repo id.
@@ -40,6 +42,8 @@ def detect_format(source: str | Path) -> str:
     if path.is_file():
         if _HF_WEIGHT_FILE.fullmatch(path.name) and is_hf_folder(path.parent):
             return "hf"
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
         return "corenet"
     if looks_like_repo_id(str(source)):
         return "hf"
@@ -62,9 +66,15 @@ def open_source(
         ConfigError, ModelNotFoundError, WeightsError, UnsafePickleError: bad or missing input.
     """
     if source_format is not None and source_format not in FORMATS:
-        raise ConfigError(f"unknown source format {source_format!r}; choose hf or corenet")
+        raise ConfigError(f"unknown source format {source_format!r}; choose hf, corenet or gguf")
     fmt = source_format or detect_format(source)
     path = Path(source).expanduser()
+    if fmt == "gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} not found; pass the .gguf file itself")
+        if config_yaml is not None or size is not None:
+            raise ConfigError("--config-yaml and --size apply to CoreNet checkpoints only")
+        return open_gguf(path)
     if fmt == "corenet":
         if path.is_dir():
             raise ConfigError(f"{path} is a folder; pass the CoreNet checkpoint file (.pt) itself")

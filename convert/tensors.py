@@ -10,7 +10,6 @@ the first rows) and :class:`AveragedTensor` (uniform mean of several).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,8 +19,9 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from mlx_openelm.errors import WeightsError
+from mlx_openelm.errors import WeightsError, short
 from mlx_openelm.folder import SAFETENSORS_DTYPES, safetensors_header
+from mlx_openelm.jsonio import read_json
 
 from .torch_reader import load_torch_state_dict
 
@@ -78,35 +78,52 @@ def open_safetensors(path: Path) -> dict[str, SafetensorsTensor]:
             with the byte range, or data past the end of the file (all problems listed).
     """
     header = safetensors_header(path)
-    with open(path, "rb") as f:
-        data_start = 8 + int.from_bytes(f.read(8), "little")
+    data_start = 8 + _header_length(path)
     size = os.path.getsize(path)
     tensors: dict[str, SafetensorsTensor] = {}
     problems: list[str] = []
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if tag not in SAFETENSORS_DTYPES:
-                problems.append(f"{name} has unsupported dtype {tag}")
-                continue
-            ref = SafetensorsTensor(path, name, data_start + int(begin), shape, tag)
-            span, need = int(end) - int(begin), ref.nbytes
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{name} has a malformed header entry {entry!r}")
+        tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        label = short(name, 80)
+        if tag not in SAFETENSORS_DTYPES:
+            problems.append(f"{label} has unsupported dtype {short(tag, 20)}")
             continue
+        ref = SafetensorsTensor(path, name, data_start + begin, shape, tag)
+        span, need = end - begin, ref.nbytes
         if span != need:
-            problems.append(f"{name} spans {span} bytes but shape {shape} needs {need}")
+            problems.append(f"{label} spans {span} bytes but shape {shape} needs {need}")
         elif ref.start + span > size:
-            problems.append(f"{name} ends at byte {ref.start + span} but the file has {size}")
+            problems.append(f"{label} ends at byte {ref.start + span} but the file has {size}")
+        spans.append((begin, end, name))
         tensors[name] = ref
+    problems += _overlaps(spans)
     if problems:
+        more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
         raise WeightsError(
-            f"{path} is damaged: " + "; ".join(problems) + ". The file is truncated or corrupt; "
-            "download or save it again"
+            f"{path} is damaged: " + "; ".join(problems[:8]) + more + ". The file is truncated "
+            "or corrupt; download or save it again"
         )
     return tensors
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
+def _overlaps(spans: list[tuple[int, int, str]]) -> list[str]:
+    """Tensors whose byte ranges overlap (a crafted header could alias one tensor's bytes)."""
+    problems = []
+    last_end, last_name = 0, ""
+    for begin, end, name in sorted(spans):
+        if begin < last_end and end > begin:
+            problems.append(f"{short(name, 80)} overlaps {short(last_name, 80)}")
+        if end > last_end:
+            last_end, last_name = end, name
+    return problems
 
 
 def open_weight_files(files: Sequence[Path]) -> dict[str, TensorRef]:
@@ -140,13 +157,14 @@ def read_index(index: Path) -> list[Path]:
     Raises:
         WeightsError: unreadable index or missing shard files (all named).
     """
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WeightsError(
-            f"{index} is not a valid shard index ({e}); download it again or remove it"
-        ) from e
+    how = "download it again or remove it"
+    weight_map = read_json(index, WeightsError, how).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+        for v in weight_map.values()
+    ):
+        raise WeightsError(f"{index}: 'weight_map' must map tensor names to file names; {how}")
+    names = list(dict.fromkeys(weight_map.values()))
     files = [index.parent / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

@@ -15,6 +15,7 @@ import argparse
 import functools
 import io
 import pickle
+import pickletools
 import re
 import types
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy._core.multiarray import _reconstruct, scalar
 
-from mlx_openelm.errors import UnsafePickleError, WeightsError
+from mlx_openelm.errors import UnsafePickleError, WeightsError, short
 
 from .torch_storage import NUMPY_DTYPES, Archive, LazyTensor, StorageRef, make_tensor
 
@@ -120,6 +121,29 @@ def _private_copy(value: Any) -> Any:
     return value  # strings, builtin / C types and functions: immutable
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def check_pickle_bounds(data: bytes, where: str) -> None:
+    """Walk the opcodes once before unpickling: refuse memo indices beyond the pickle's size.
+
+    The C unpickler sizes its memo table to the largest index a PUT names, so a 141-byte pickle
+    with ``LONG_BINPUT 4000000000`` would allocate gigabytes; an honest pickle numbers its memo
+    entries from 0, one per PUT, so every index is below the number of bytes.
+
+    Raises:
+        WeightsError: a malformed opcode stream or an out-of-range memo index.
+    """
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg < len(data)):
+                raise ValueError(f"memo index {short(arg, 40)} in a {len(data)}-byte pickle")
+    except ValueError as exc:
+        raise WeightsError(
+            f"{where}: cannot unpickle it ({short(exc, 200)}); the file is corrupt or hostile."
+        ) from None
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` with an allow-list of globals and lazy storages."""
 
@@ -157,10 +181,13 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unexpected persistent id {short(repr(pid), 120)}")
         storage_class, key = pid[1], pid[2]
         member = f"{self._prefix}/data/{key}"
         if not isinstance(storage_class, _StorageClass) or member not in self._archive.infos:
-            raise pickle.UnpicklingError(f"storage {key!r} ({storage_class!r}) is not in the file")
+            raise pickle.UnpicklingError(
+                f"storage {short(repr(key), 80)} ({short(repr(storage_class), 80)}) is not in "
+                "the file"
+            )
         nbytes = self._archive.infos[member].file_size
         return StorageRef(self._archive, member, storage_class.dtype, nbytes)

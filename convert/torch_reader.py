@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlx_openelm.errors import OpenELMError, WeightsError
+from mlx_openelm.errors import OpenELMError, WeightsError, short
 
 # _rebuild_tensor_v2 (torch's own name) is re-exported for the tests, which reach into it.
-from .torch_pickle import RestrictedUnpickler, TorchDType
+from .torch_pickle import RestrictedUnpickler, TorchDType, check_pickle_bounds
 from .torch_pickle import _rebuild_tensor_v2 as _rebuild_tensor_v2
 from .torch_storage import Archive, LazyTensor
 
@@ -98,13 +98,15 @@ def open_torch_checkpoint(path: str | Path) -> TorchCheckpoint:
                 )
             archive.byteorder = "<" if byteorder == "little" else ">"
         data = archive.read_member(f"{prefix}/data.pkl")
+        check_pickle_bounds(data, f"{path}: {prefix}/data.pkl")
         try:
             obj = RestrictedUnpickler(data, archive, prefix).load()
         except OpenELMError:
             raise
         except Exception as exc:  # any malformed pickle: report it as what it is, a bad file
             raise WeightsError(
-                f"{path}: cannot unpickle {prefix}/data.pkl ({type(exc).__name__}: {exc}); the "
+                f"{path}: cannot unpickle {prefix}/data.pkl ({type(exc).__name__}: "
+                f"{short(exc, 200)}); the "
                 "file is corrupt or uses a torch feature this reader does not support."
             ) from exc
     except BaseException:

@@ -66,11 +66,29 @@ class Archive:
                 self._file.close()
                 self._file = self._zip = None
 
-    def read_member(self, name: str) -> bytes:
-        """The whole (small) member ``name``, CRC-checked."""
+    def read_member(self, name: str, limit: int = 256 * 2**20) -> bytes:
+        """The whole (small) member ``name``, CRC-checked, refused past ``limit`` bytes.
+
+        A compressed member may claim or inflate to far more than the archive holds (a 141-byte
+        deflate bomb); it is read in chunks and refused once past ``limit`` or 50 times its
+        compressed size (stored members: their size), whichever is smaller.
+        """
+        info = self.infos[name]
+        bound = min(limit, max(info.compress_size * 50, 2**20))
         with self._lock:
             try:
-                return self._zip.read(name)
+                if info.file_size > bound:
+                    raise ValueError(f"it unpacks to {info.file_size} bytes")
+                with self._zip.open(info) as member:
+                    data = member.read(bound + 1)
+                if len(data) > bound:
+                    raise ValueError(f"it unpacks to more than {bound} bytes")
+                return data
+            except ValueError as exc:
+                raise WeightsError(
+                    f"{self.path}: member {name} is implausibly large ({exc}, from "
+                    f"{info.compress_size} compressed); the file is corrupt or hostile."
+                ) from None
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
                 raise WeightsError(f"{self.path}: member {name} is corrupt ({exc}).") from exc
 

@@ -8,14 +8,20 @@ same process; the two alternate trial by trial, so background load hits both ali
 the same tokenizer and mlx-lm's timing (``prompt_tps``, ``generation_tps``), so only the model
 implementation differs.
 
+With ``compare_llama_cpp`` the folder is also exported to a GGUF of the matching type (F32 for
+float32, Q8_0/Q4_0 for 8-/4-bit) and timed in llama.cpp (``llama-cpp-python``), alternating with
+the other rows, by llama.cpp's own counters (:mod:`mlx_openelm.export.llama_cpp`).
+
 Decoding one token reads every weight once (the tied embedding doubles as the output layer)
-plus the KV cache, so ``memory bandwidth / bytes per token`` bounds the generation speed;
-:func:`measure_bandwidth` measures the best read rate MLX reaches on this machine (large
-reductions, one per core, and a large matrix-vector product).
+plus the KV cache, so ``memory bandwidth / bytes per token`` bounds the generation speed. The
+bandwidth is the machine's, measured outside MLX (:mod:`mlx_openelm.bandwidth`: NumPy, one
+reader process per core), so the limit is the same for every runtime.
+:func:`measure_bandwidth` reports, for comparison, the read rate MLX itself reaches.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import statistics
@@ -29,10 +35,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .bandwidth import measure_read_bandwidth
 from .errors import GenerationError
 
 OUR_ROW = "mlx-openelm"
 MLX_LM_ROW = "mlx-lm"
+LLAMA_CPP_ROW = "llama.cpp"  # + the GGUF type: "llama.cpp F32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +78,7 @@ class BenchReport:
     bytes_per_token: int  # weights + KV cache at the mean decode position
     bandwidth_gbs: float | None  # measured; None when not measured
     rows: list[BenchRow]
+    bandwidth_method: str | None = None  # how bandwidth_gbs was measured (the limit's label)
 
     @property
     def decode_limit_tps(self) -> float | None:
@@ -78,12 +87,12 @@ class BenchReport:
             return None
         return self.bandwidth_gbs * 1e9 / self.bytes_per_token
 
-    def ratio(self) -> dict[str, float] | None:
-        """ours / mlx-lm for the mean prompt and generation speed (> 1: we are faster)."""
+    def ratio(self, other: str = MLX_LM_ROW) -> dict[str, float] | None:
+        """ours / ``other`` row for the mean prompt and generation speed (> 1: we are faster)."""
         rows = {r.name: r.summary() for r in self.rows}
-        if OUR_ROW not in rows or MLX_LM_ROW not in rows:
+        if OUR_ROW not in rows or other not in rows:
             return None
-        ours, theirs = rows[OUR_ROW], rows[MLX_LM_ROW]
+        ours, theirs = rows[OUR_ROW], rows[other]
         return {k: ours[k] / theirs[k] for k in ("prompt_tps", "generation_tps")}
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,9 +103,13 @@ class BenchReport:
             "weight_bytes": self.weight_bytes,
             "bytes_per_token": self.bytes_per_token,
             "bandwidth_gbs": self.bandwidth_gbs,
+            "bandwidth_method": self.bandwidth_method,
             "decode_limit_tps": self.decode_limit_tps,
             "rows": [r.summary() for r in self.rows],
             "ratio": self.ratio(),
+            "ratio_llama_cpp": next(
+                (self.ratio(r.name) for r in self.rows if r.name.startswith(LLAMA_CPP_ROW)), None
+            ),
         }
 
 
@@ -210,8 +223,9 @@ def bench(
     seed: int = 0,
     measure_limit: bool = True,
     on_trial: Callable[[str, int, Trial], None] | None = None,
+    compare_llama_cpp: bool = False,
 ) -> BenchReport:
-    """Benchmark a model folder (or hub id): our loop, optionally next to mlx-lm's.
+    """Benchmark a model folder (or hub id): our loop, optionally next to mlx-lm and llama.cpp.
 
     Args:
         model: model folder or hub repo id.
@@ -219,50 +233,95 @@ def bench(
         trials: timed runs per row, after one short untimed warm-up run each.
         compare_mlx_lm: also run mlx-lm's implementation on the same folder.
         seed: for the random prompt.
-        measure_limit: measure memory bandwidth for the decode limit (takes ~1 s).
+        measure_limit: measure memory bandwidth for the decode limit (takes a few seconds).
         on_trial: called with ``(row_name, trial_index, Trial)`` after each timed run.
+        compare_llama_cpp: also export the folder to GGUF and time it in llama.cpp.
 
     Raises:
-        GenerationError: a count below 1. Loading errors as in :func:`mlx_openelm.load`.
+        GenerationError: a count below 1, or a prompt longer than the context.
+        MissingDependencyError: no llama-cpp-python (when asked). Loading errors as in
+            :func:`mlx_openelm.load`.
     """
-    from .generate import stream_generate
+    from .generate import check_prompt_length, stream_generate
     from .loading import load, resolve_model_path
 
     _check(prompt_tokens, generation_tokens, trials)
     folder = resolve_model_path(model)
+    if compare_llama_cpp:
+        from .export.llama_cpp import require_llama_cpp
+
+        require_llama_cpp()  # before anything slow
     ours, tokenizer = load(folder)
-    runners = [(OUR_ROW, stream_generate, ours)]
+    check_prompt_length(ours, prompt_tokens, generation_tokens)
+    models = [(OUR_ROW, stream_generate, ours)]
     if compare_mlx_lm:
         from mlx_lm import stream_generate as mlx_lm_stream_generate
         from mlx_lm.utils import load_model as mlx_lm_load_model
 
         theirs, _ = mlx_lm_load_model(folder)
-        runners.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
+        models.append((MLX_LM_ROW, mlx_lm_stream_generate, theirs))
     prompt = random_prompt(ours.args.vocab_size, prompt_tokens, seed)
     kw = {"tokenizer": no_eos(tokenizer), "prompt": prompt, "max_tokens": generation_tokens}
     # Warm-up (untimed, short: any forward touches every weight once and builds the kernels).
     warm = {**kw, "prompt": prompt[:16], "max_tokens": min(generation_tokens, 4)}
-    for _, generate, m in runners:
+    runners: list[tuple[str, Callable[[], Trial]]] = []
+    for name, generate, m in models:
         run_trial(generate, m, 0, **warm)
-    rows = [BenchRow(name=name) for name, _, _ in runners]
-    for i in range(trials):
-        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
-        for j in order:
-            name, generate, m = runners[j]
-            trial = run_trial(generate, m, weight_bytes(m), **kw)
-            rows[j].trials.append(trial)
-            if on_trial is not None:
-                on_trial(name, i, trial)
+        runners.append((name, functools.partial(run_trial, generate, m, weight_bytes(m), **kw)))
+    if compare_llama_cpp:
+        runners.append(_llama_cpp_runner(folder, ours, prompt, generation_tokens))
+    rows = _run_rows(runners, trials, on_trial)
     wbytes = weight_bytes(ours)
+    limit = measure_read_bandwidth() if measure_limit else None
     return BenchReport(
         model=str(folder),
         prompt_tokens=prompt_tokens,
         generation_tokens=generation_tokens,
         weight_bytes=wbytes,
         bytes_per_token=wbytes + kv_bytes(ours, prompt_tokens + generation_tokens // 2),
-        bandwidth_gbs=measure_bandwidth()["read"] if measure_limit else None,
+        bandwidth_gbs=limit.gbs if limit else None,
         rows=rows,
+        bandwidth_method=limit.method if limit else None,
     )
+
+
+def _run_rows(
+    runners: list[tuple[str, Callable[[], Trial]]],
+    trials: int,
+    on_trial: Callable[[str, int, Trial], None] | None,
+) -> list[BenchRow]:
+    """Alternate the runners trial by trial (reversed every other trial), so load hits all."""
+    rows = [BenchRow(name=name) for name, _ in runners]
+    for i in range(trials):
+        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+        for j in order:
+            name, run = runners[j]
+            trial = run()
+            rows[j].trials.append(trial)
+            if on_trial is not None:
+                on_trial(name, i, trial)
+    return rows
+
+
+def _llama_cpp_runner(
+    folder: Path, ours: nn.Module, prompt: list[int], generation_tokens: int
+) -> tuple[str, Callable[[], Trial]]:
+    """Export ``folder`` to a matching GGUF, load it in llama.cpp, warm it up; a trial runner."""
+    from .export.llama_cpp import export_for_llama_cpp, open_llama, rss_bytes, time_llama
+
+    quant = ours.args.quantization or {}
+    f32 = ours.transformer.norm.weight.dtype == mx.float32
+    path, label = export_for_llama_cpp(folder, quant.get("bits"), f32)
+    baseline = rss_bytes("VmRSS")
+    llm = open_llama(path, n_ctx=len(prompt) + generation_tokens + 8, logits_all=False)
+    os.unlink(path)  # mapped already; the file goes when llama.cpp lets go of it
+    time_llama(llm, prompt[:16], min(generation_tokens, 4), None)  # warm-up
+
+    def run() -> Trial:
+        r = time_llama(llm, prompt, generation_tokens, baseline)
+        return Trial(**r)
+
+    return label, run
 
 
 def _pm(mean: float, std: float, digits: int = 1) -> str:
@@ -283,16 +342,16 @@ def format_bench(report: BenchReport) -> str:
             f"{_pm(s['generation_tps'], s['generation_tps_std']):>20}"
             f"{_pm(s['peak_memory_gb'], s['peak_memory_gb_std'], 3):>20}"
         )
-    ratio = report.ratio()
-    if ratio is not None:
-        lines.append(
-            f"{'ours / mlx-lm':<16}{ratio['prompt_tps']:>17.2f}x{ratio['generation_tps']:>19.2f}x"
-        )
+    for row in report.rows[1:]:
+        ratio = report.ratio(row.name)
+        label = f"ours / {row.name.split()[0]}"
+        lines.append(f"{label:<16}{ratio['prompt_tps']:>17.2f}x{ratio['generation_tps']:>19.2f}x")
     if report.decode_limit_tps is not None:
         lines.append(
             f"{'decode limit':<16}{'':>18}{report.decode_limit_tps:>20.1f}"
             f"   = {report.bandwidth_gbs:.1f} GB/s read bandwidth"
             f" / {report.bytes_per_token / 1e6:.1f} MB per token (weights + KV cache)"
         )
+        lines.append(f"{'':<16}bandwidth: {report.bandwidth_method}")
     lines.append(f"(mean ± std over {len(report.rows[0].trials)} trials)")
     return "\n".join(lines)

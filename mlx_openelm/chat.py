@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import DataError, GenerationError
+from .errors import DataError, GenerationError, short
 from .folder import atomic_write_text
 from .generate import GenerationOptions, check_draft_model, make_cache, stream_generate
+from .jsonio import read_jsonl
+from .lookup import LookupStats
 from .prompt_cache import reuse_prefix
 
 if TYPE_CHECKING:
@@ -53,7 +55,8 @@ class TurnStats:
     peak_memory: float  # GB
     finish_reason: str  # "stop", "length" or "interrupted"
     dropped_turns: int = 0
-    draft_tokens: int = 0
+    draft_tokens: int = 0  # accepted from the draft model or, with prompt lookup, the context
+    lookup_proposed: int = 0  # prompt-lookup candidates checked
 
 
 @dataclass(kw_only=True)
@@ -233,7 +236,7 @@ class ChatSession:
         pieces: list[str] = []
         generated: list[int] = []
         last: GenerationResponse | None = None
-        drafted = 0
+        drafted, lookup = 0, LookupStats()
         try:
             for last in stream_generate(
                 self.model,
@@ -243,6 +246,8 @@ class ChatSession:
                 options=self.options,
                 prompt_cache=self._cache,
                 draft_model=self.draft_model,
+                context=turn.tokens[: turn.reused],
+                lookup_stats=lookup,
             ):
                 pieces.append(last.text)
                 generated.append(last.token)
@@ -269,6 +274,7 @@ class ChatSession:
                     finish_reason=last.finish_reason if finished else "interrupted",
                     dropped_turns=turn.dropped_turns,
                     draft_tokens=drafted,
+                    lookup_proposed=lookup.proposed,
                 )
             )
 
@@ -304,29 +310,14 @@ def read_transcript(path: str | Path) -> list[dict[str, str]]:
         DataError: missing or unreadable file, bad JSON, unknown role, or a misplaced system line.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise DataError(
-            f"cannot read transcript {path}: {reason}; give a JSONL file written by /save"
-        ) from e
+    how = "give a JSONL file written by /save (one object per line)"
     messages: list[dict[str, str]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, item in read_jsonl(path, DataError, how):
         where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where} is not JSON ({e.msg}); /save writes one object per line"
-            ) from e
-        ok = isinstance(item, dict) and item.get("role") in ROLES
-        if not ok or not isinstance(item.get("content"), str):
+        if item.get("role") not in ROLES or not isinstance(item.get("content"), str):
             raise DataError(
                 f'{where}: expected {{"role": "system"|"user"|"assistant", "content": "..."}}, '
-                f"got {line[:60]!r}"
+                f"got {short(item, 60)}"
             )
         if item["role"] == "system" and messages:
             raise DataError(f"{where}: a system message may only be the first line")

@@ -123,16 +123,23 @@ def _run_command(session: ChatSession, line: str, io: ChatIO) -> bool:
 
 
 def stats_lines(session: ChatSession) -> list[str]:
-    """A small table of every turn: prompt, prefilled and generated tokens, speed, memory."""
+    """A small table of every turn: prompt, prefilled and generated tokens, speed, memory, and
+    prompt-lookup candidates accepted/proposed when lookup is on."""
+    lookup = any(t.lookup_proposed for t in session.turns)
     rows = [
         f"{'turn':>4} {'prompt':>7} {'prefilled':>9} {'generated':>9} "
         f"{'prefill tok/s':>13} {'gen tok/s':>9} {'peak GB':>7}  finish"
+        + ("   lookup accepted/proposed" if lookup else "")
     ]
     for i, t in enumerate(session.turns, 1):
         rows.append(
             f"{i:>4} {t.prompt_tokens:>7} {t.prefilled_tokens:>9} {t.generated_tokens:>9} "
             f"{t.prompt_tps:>13.1f} {t.generation_tps:>9.1f} {t.peak_memory:>7.3f}  "
-            f"{t.finish_reason}"
+            + (
+                f"{t.finish_reason:<11} {t.draft_tokens}/{t.lookup_proposed}"
+                if lookup
+                else t.finish_reason
+            )
         )
     rows.append(
         f"cache: {session.cached_tokens} of {session.context_length} context tokens; "

@@ -20,6 +20,7 @@ __all__ = [
     "MixedPreset",
     "OptimizerName",
     "QuantMethod",
+    "RepetitionScope",
     "SourceFormat",
     "bit_widths",
     "values",
@@ -44,6 +45,7 @@ class SourceFormat(str, Enum):
 
     hf = "hf"
     corenet = "corenet"
+    gguf = "gguf"
 
 
 class CoreNetSize(str, Enum):
@@ -127,3 +129,10 @@ class OptimizerName(str, Enum):
 def bit_widths(choices: type[Bits] | type[GroupSize]) -> tuple[int, ...]:
     """The integer values of :class:`Bits` or :class:`GroupSize`."""
     return tuple(int(v) for v in values(choices))
+
+
+class RepetitionScope(str, Enum):
+    """Which tokens the repetition penalty counts."""
+
+    context = "context"  # Hugging Face / Apple: every token of the prompt and the reply
+    window = "window"  # mlx-lm: the last repetition_context_size tokens

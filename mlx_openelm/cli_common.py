@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from mlx_openelm.choices import DType
+from mlx_openelm.choices import DType, RepetitionScope
 
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 
@@ -39,10 +39,56 @@ TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, 
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the k best tokens; 0 = off.")]
 MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p × best; 0 = off.")]
 RepPenaltyOpt = Annotated[
-    float | None, typer.Option("--repetition-penalty", help="Penalty > 1 discourages repeats.")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="Penalty > 1 discourages repeats (Apple uses 1.2: the chat/serve default for "
+        "Instruct models).",
+    ),
 ]
 RepContextOpt = Annotated[
-    int, typer.Option("--repetition-context-size", help="Tokens the repetition penalty looks at.")
+    int,
+    typer.Option(
+        "--repetition-context-size", help="Tokens the window-scope repetition penalty looks at."
+    ),
+]
+RepScopeOpt = Annotated[
+    RepetitionScope | None,
+    typer.Option(
+        "--repetition-scope",
+        help="context: every token of prompt and reply (Hugging Face, Apple's examples; the "
+        "chat/serve default for Instruct models); window: the last --repetition-context-size "
+        "tokens (mlx-lm; the default otherwise).",
+    ),
+]
+PresenceOpt = Annotated[
+    float,
+    typer.Option(
+        "--presence-penalty", help="OpenAI's: minus this for each token already generated."
+    ),
+]
+FrequencyOpt = Annotated[
+    float,
+    typer.Option(
+        "--frequency-penalty", help="OpenAI's: minus this times how often a token was generated."
+    ),
+]
+LogitBiasOpt = Annotated[
+    list[str] | None,
+    typer.Option("--logit-bias", help="ID=BIAS added to a token's logit, -100..100 (repeatable)."),
+]
+PromptLookupOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--prompt-lookup",
+        help="Prompt-lookup decoding: up to N tokens copied from the context, checked in one "
+        "pass (same output, faster on quoting). 0 = off; default off, 10 for Instruct models "
+        "in chat/serve (Apple's prompt_lookup_num_tokens).",
+    ),
+]
+LookupNgramOpt = Annotated[
+    int,
+    typer.Option("--prompt-lookup-ngram", help="Longest n-gram prompt lookup matches (HF: 2)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]

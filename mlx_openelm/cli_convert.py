@@ -142,6 +142,9 @@ def convert(
     ] = ChatTemplate.auto,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
     force: ForceOpt = False,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Convert weights holding NaN/inf (warns).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint (hub repo, HF folder, CoreNet .pt) into an MLX model folder.
@@ -186,6 +189,7 @@ def convert(
             force=force,
             revision=revision,
             on_progress=_progress_reporter(progress),
+            allow_nonfinite=allow_nonfinite,
         )
     if as_json:
         import dataclasses

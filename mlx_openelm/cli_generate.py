@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -13,11 +14,17 @@ import typer
 from mlx_openelm.cli_common import (
     DEFAULT_MODEL,
     AdapterOpt,
+    FrequencyOpt,
+    LogitBiasOpt,
+    LookupNgramOpt,
     MaxTokensOpt,
     MinPOpt,
     ModelOpt,
+    PresenceOpt,
+    PromptLookupOpt,
     RepContextOpt,
     RepPenaltyOpt,
+    RepScopeOpt,
     SeedOpt,
     TempOpt,
     TokenizerOpt,
@@ -26,6 +33,7 @@ from mlx_openelm.cli_common import (
     err,
 )
 from mlx_openelm.generate_options import (
+    DEFAULT_LOOKUP_NGRAM,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_NUM_DRAFT,
@@ -74,7 +82,13 @@ GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
     ("top_k", TopKOpt, DEFAULT_TOP_K),
     ("min_p", MinPOpt, DEFAULT_MIN_P),
     ("repetition_penalty", RepPenaltyOpt, None),
+    ("repetition_scope", RepScopeOpt, None),
     ("repetition_context_size", RepContextOpt, DEFAULT_REPETITION_CONTEXT),
+    ("presence_penalty", PresenceOpt, 0.0),
+    ("frequency_penalty", FrequencyOpt, 0.0),
+    ("logit_bias", LogitBiasOpt, None),
+    ("prompt_lookup_num_tokens", PromptLookupOpt, None),
+    ("prompt_lookup_max_ngram", LookupNgramOpt, DEFAULT_LOOKUP_NGRAM),
     ("seed", SeedOpt, None),
     ("stop", StopOpt, None),
     ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),
@@ -87,23 +101,82 @@ def with_generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` the generation flags in place of its ``options`` parameter.
 
     Typer reads the new signature; the command receives one :class:`GenerationOptions`, checked
-    before anything loads so that a bad value fails at once.
+    before anything loads so that a bad value fails at once, and ``explicit``: the names of the
+    flags the user gave (the model's defaults never replace those).
     """
     signature = inspect.signature(command, eval_str=True)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     flags = [inspect.Parameter(n, kind, default=d, annotation=t) for n, t, d in GENERATION_FLAGS]
-    params: list[inspect.Parameter] = []
+    params = [inspect.Parameter("typer_context", kind, annotation=typer.Context)]
     for p in signature.parameters.values():
-        params.extend(flags if p.name == "options" else [p])
+        if p.name != "explicit":
+            params.extend(flags if p.name == "options" else [p])
 
     @functools.wraps(command)
     def run(**kwargs: Any) -> Any:
+        ctx = kwargs.pop("typer_context")
         values = {name: kwargs.pop(name) for name, _, _ in GENERATION_FLAGS}
-        return command(**kwargs, options=GenerationOptions(**values).validate())
+        options = options_from_flags(values, draft=bool(kwargs.get("draft_model")))
+        return command(**kwargs, options=options, explicit=explicit_flags(ctx, values))
 
     run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in params}
     return run
+
+
+def options_from_flags(values: dict[str, Any], draft: bool = False) -> GenerationOptions:
+    """The generation options among a command's parameters (named like the fields), checked:
+    ``--logit-bias ID=BIAS`` parsed, ``--prompt-lookup 0`` as off.
+
+    Raises:
+        GenerationError: a value out of range, or prompt lookup with a draft model (``draft``).
+    """
+    fields = {f.name for f in dataclasses.fields(GenerationOptions)}
+    values = {k: v for k, v in values.items() if k in fields}  # not e.g. serve's --port
+    if values.get("repetition_scope") is None:
+        values.pop("repetition_scope", None)
+    values["logit_bias"] = _logit_bias(values.get("logit_bias") or [])
+    if values.get("prompt_lookup_num_tokens") == 0:  # 0: off, even where a model turns it on
+        values["prompt_lookup_num_tokens"] = None
+    options = GenerationOptions(**values).validate()
+    if draft and options.prompt_lookup_num_tokens is not None:
+        options.check_with_draft()  # both set: says to pick one
+    return options
+
+
+def explicit_flags(ctx: typer.Context, names: Iterable[str]) -> frozenset[str]:
+    """The parameters among ``names`` that the user gave (command line or environment)."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: Typer ships its own copy of click
+    return frozenset(n for n in names if getattr(ctx.get_parameter_source(n), "name", "") in given)
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    """``--logit-bias ID=BIAS`` flags as ``{id: bias}``."""
+    from mlx_openelm.errors import GenerationError
+
+    bias: dict[int, float] = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise GenerationError(
+                f"--logit-bias wants ID=BIAS (e.g. --logit-bias 29871=-100), got {item!r}"
+            ) from None
+        if not sep:
+            raise GenerationError(f"--logit-bias wants ID=BIAS, got {item!r}")
+    return bias
+
+
+def _with_model_defaults(
+    options: GenerationOptions, explicit: frozenset[str], model: str, instruct: bool, draft: bool
+) -> GenerationOptions:
+    """The options over the model's defaults (generation_config.json; Apple's for Instruct)."""
+    from mlx_openelm.decoding_defaults import with_model_defaults
+    from mlx_openelm.loading import resolve_model_path
+
+    folder = resolve_model_path(model)  # already converted and cached by the load
+    return with_model_defaults(options, folder, instruct=instruct, explicit=explicit, draft=draft)
 
 
 def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
@@ -117,6 +190,20 @@ def _conversion_notice(model: str) -> Callable[[ConvertProgress], None]:
             err.print(f"First use of {model}: {what} (once; cached for later runs)", style="dim")
 
     return report
+
+
+def _read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 (the terminal's decoding would raise)."""
+    from mlx_openelm.errors import GenerationError
+
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise GenerationError(
+            f"the prompt on stdin is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+            f"{e.start}); re-encode it as UTF-8"
+        ) from None
 
 
 def _write(text: str) -> None:
@@ -134,25 +221,41 @@ def generate(
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
     raw: RawOpt = False,
+    explicit: frozenset[str] = frozenset(),
 ) -> None:
-    """Generate text for a prompt, streamed to stdout; speed and memory go to stderr."""
-    from mlx_openelm.errors import GenerationError
-    from mlx_openelm.generate import build_prompt, format_stats, load_for_generation
-    from mlx_openelm.generate import stream_generate as stream
+    """Generate text for a prompt, streamed to stdout; speed and memory go to stderr.
 
-    text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
+    Defaults come from the model's generation_config.json when it has sampling fields (not
+    with --raw); otherwise greedy, no penalty, no prompt lookup.
+    """
+    from mlx_openelm.errors import GenerationError
+    from mlx_openelm.generate import (
+        build_prompt,
+        check_prompt_length,
+        format_stats,
+        load_for_generation,
+    )
+    from mlx_openelm.generate import stream_generate as stream
+    from mlx_openelm.lookup import LookupStats
+
+    text = _read_stdin() if prompt == "-" else prompt
     if text is None:
         raise GenerationError("no prompt: give --prompt TEXT, or --prompt - to read stdin")
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
     ids = build_prompt(tok, text, system, raw)
-    last, drafted = None, 0
-    for r in stream(m, tok, ids, options=options, draft_model=draft):
+    check_prompt_length(m, len(ids), (options or GenerationOptions()).max_tokens)
+    if not raw:
+        options = _with_model_defaults(options, explicit, model, False, draft is not None)
+    last, drafted, lookup = None, 0, LookupStats()
+    for r in stream(m, tok, ids, options=options, draft_model=draft, lookup_stats=lookup):
         _write(r.text)
         last, drafted = r, drafted + r.from_draft
     _write("\n")
-    err.print(format_stats(last, drafted if draft else None, m), style="dim", markup=False)
+    looked = lookup if options.prompt_lookup_num_tokens else None
+    stats = format_stats(last, drafted if draft else None, looked, model=m)
+    err.print(stats, style="dim", markup=False)
 
 
 class _TerminalIO:
@@ -187,8 +290,13 @@ def chat(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     draft_model: DraftOpt = None,
+    explicit: frozenset[str] = frozenset(),
 ) -> None:
-    """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands."""
+    """Chat in the terminal: streamed replies, history kept in the KV cache, /help for commands.
+
+    Instruct models get Apple's decoding unless set: --repetition-penalty 1.2 over the whole
+    context and --prompt-lookup 10; the model's generation_config.json fields come first.
+    """
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.chat_repl import run_repl
     from mlx_openelm.generate import load_for_generation
@@ -196,6 +304,8 @@ def chat(
     m, tok, draft = load_for_generation(
         model, adapter, tokenizer, draft_model, on_progress=_conversion_notice(model)
     )
+    instruct = tok.chat_template is not None
+    options = _with_model_defaults(options, explicit, model, instruct, draft is not None)
     session = ChatSession(m, tok, system=system, options=options, draft_model=draft)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())

@@ -87,18 +87,10 @@ def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | N
     """
     if value is None:
         return None
-    import yaml
-
     from mlx_openelm.errors import ConfigError
+    from mlx_openelm.jsonio import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"--config {value}: cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"--config {value}: not valid YAML{where}") from None
+    data = read_yaml(value, ConfigError, "fix the --config file")
     if not isinstance(data, dict):
         raise ConfigError(f"--config {value}: expected a mapping of flag names to values")
     flags = {p.name for p in ctx.command.params} - {param.name}
@@ -259,11 +251,12 @@ def lora(
         )  # fmt: skip
     if result.extra.get("rank", 0):
         return  # data-parallel: rank 0 reports
-    best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
+    best = ""
+    if result.best_val_loss is not None and result.best_step is not None:
+        best = f", best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
     out.print(
         f"Trained {result.steps} steps ({result.tokens_per_second:,.0f} tok/s, "
-        f"{result.peak_memory_gb:.2f} GB peak){best if result.best_step is not None else ''}"
-        f"; adapters in {result.adapter_path}"
+        f"{result.peak_memory_gb:.2f} GB peak){best}; adapters in {result.adapter_path}"
     )
     if "plot" in result.extra:
         out.print(f"Loss curve: {result.extra['plot']}")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .choices import CoreNetSize
+from .config_check import _check_int, check_fields
 from .errors import ConfigError
 
 MODEL_TYPE = "openelm"
@@ -174,13 +175,8 @@ class ModelArgs:
         return cls.from_dict({"vocab_size": 32000, **fields})  # GPTConfig's defaults for the rest
 
     def _derive_and_validate(self, qkv_given: bool = True) -> None:
+        check_fields(self)
         n = self.num_transformer_layers
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"config field '{name}' must be a positive integer, got {value!r}"
-                )
         self._check_names()
         self._derive_heads(qkv_given)
         self.ffn_multipliers = _layerwise(self.ffn_multipliers, n, "ffn_multipliers")
@@ -193,6 +189,9 @@ class ModelArgs:
                     f"config field '{name}' has {got} entries but num_transformer_layers is {n}; "
                     "give one value per layer"
                 )
+        for name in ("num_query_heads", "num_kv_heads"):  # derived ones too
+            for i, h in enumerate(getattr(self, name)):
+                _check_int(f"{name}[{i}]", h, 1, 2**16)
         for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
             if q <= 0 or kv <= 0 or q % kv:
                 raise ConfigError(

@@ -61,5 +61,29 @@ class ServeError(OpenELMError):
     """The server cannot start: its optional dependencies are missing or the address is taken."""
 
 
+class DiskFullError(OpenELMError):
+    """The disk filled up while writing an output (nothing partial is left behind)."""
+
+
+class OpenELMWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it)."""
+
+
+def short(text: object, limit: int = 200) -> str:
+    """``text`` (``str()`` of it) cut to about ``limit`` characters, keeping head and tail.
+
+    Error messages quote user values; a 5 MB value must not become a 5 MB error line.
+    """
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 10, 1)
+    return f"{text[:keep]} …[{len(text) - 2 * keep} characters cut]… {text[-keep:]}"
+
+
 class MissingDependencyError(OpenELMError):
     """An optional extra a command needs is not installed (the message says how to add it)."""
+
+
+class ExportError(OpenELMError):
+    """An export cannot be written (a full disk, a bad output path) or does not fit its target."""

@@ -17,7 +17,6 @@ KV cache and all choices continue from it in one padded batch.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import fastmath
 from .errors import DataError
+from .jsonio import read_jsonl
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -36,10 +36,15 @@ Progress = Callable[[int, int], None]  # (done, total)
 # --- Reading data files -------------------------------------------------------------------------
 
 
-def _read_lines(path: str | Path) -> tuple[Path, list[str]]:
+def _data_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass an existing text or JSONL file")
+    return path
+
+
+def _read_lines(path: str | Path) -> tuple[Path, list[str]]:
+    path = _data_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -51,20 +56,11 @@ def _read_lines(path: str | Path) -> tuple[Path, list[str]]:
 
 def _json_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """``(where, record)`` for every non-blank line of a JSONL file; ``where`` is ``file:line``."""
-    path, lines = _read_lines(path)
-    records = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); fix or delete the line") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append((where, record))
-    return records
+    path = _data_path(path)
+    records = read_jsonl(path, DataError, "fix or delete the line")
+    if not records:
+        raise DataError(f"data file {path} is empty; it needs at least one example")
+    return [(f"{path}:{n}", record) for n, record in records]
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -195,10 +191,17 @@ def perplexity(
         on_progress: called with ``(windows_done, windows_total)``.
 
     Raises:
-        DataError: bad window settings, or no text long enough to score a token.
+        DataError: bad window settings (a window longer than the model's context too), or no
+            text long enough to score a token.
     """
     stride = max(1, seq_len // 2) if stride is None else stride
     _check_windows(seq_len, stride, batch_size)
+    context = getattr(getattr(model, "args", None), "max_context_length", None)
+    if isinstance(context, int) and seq_len > context:
+        raise DataError(
+            f"seq_len (--seq-len) is {seq_len}, beyond the model's {context}-token context, where "
+            f"its perplexity means nothing; use --seq-len {context} or less"
+        )
     jobs: list[tuple[list[int], int]] = []  # (window tokens, first target relative to window)
     for text in texts:
         ids = tokenizer.encode(text, add_bos=True)

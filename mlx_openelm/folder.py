@@ -27,7 +27,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import OutputExistsError, WeightsError
+from .errors import OutputExistsError, WeightsError, short
+from .jsonio import parse_json
+from .outputs import (
+    DISK_FULL,
+    check_replaceable,
+    disk_full_error,
+    remove_stale_temporaries,
+    rename_noreplace,
+)
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,56 +57,143 @@ def safetensors_tag(dtype: mx.Dtype) -> str:
     return _TAG_OF[str(dtype).rsplit(".", 1)[-1]]
 
 
+_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_DIMS = 8
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """Why one header entry is malformed, or None: checked before any arithmetic uses it."""
+    if not isinstance(entry, dict):
+        return f"{short(name, 80)} is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"{short(name, 80)} has no string 'dtype'"
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= _MAX_DIMS
+        and all(type(d) is int and 0 <= d < 2**48 for d in shape)
+    ):
+        return f"{short(name, 80)} has 'shape' {short(shape, 60)}, not a list of sizes"
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"{short(name, 80)} has 'data_offsets' {short(offsets, 60)}, not [begin, end]"
+    return None
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file.
+    """The JSON header of a safetensors file, its entries' types checked.
+
+    Every tensor entry is an object with a string ``dtype``, a ``shape`` of at most 8
+    non-negative ints and ``data_offsets`` ``[begin, end]`` with ``0 <= begin <= end``, so callers
+    may do arithmetic on them; sizes against the file are checked by the caller.
 
     Raises:
-        WeightsError: a truncated or corrupt header, naming the file.
+        WeightsError: a truncated, non-JSON or malformed header, naming the file.
     """
+    how = "download or convert it again"
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 2**20:
+            if n > _MAX_HEADER_BYTES:
                 raise ValueError(f"header length {n} is implausible")
             raw = f.read(n)
         if len(raw) != n:
             raise ValueError("file ends inside the header")
-        return json.loads(raw)
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(
-            f"{path} is not a valid safetensors file ({e}); download or convert it again"
-        ) from e
+    except (OSError, struct.error, ValueError) as e:
+        raise WeightsError(f"{path} is not a valid safetensors file ({e}); {how}") from None
+    header = parse_json(
+        raw, f"{path}", WeightsError, f"it is not a valid safetensors file; {how}", dict
+    )
+    problems = [
+        problem
+        for name, entry in header.items()
+        if name != "__metadata__" and (problem := _entry_problem(name, entry))
+    ]
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        problems.append("'__metadata__' is not an object")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise WeightsError(f"{path} has a malformed header: {'; '.join(problems[:5])}{more}; {how}")
+    return header
 
 
 @contextlib.contextmanager
-def atomic_output(output: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output(
+    output: str | Path, force: bool = False, needed: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it to ``output`` only on success.
 
     An exception or Ctrl-C removes the temporary folder and leaves any previous ``output`` alone;
-    even a hard kill leaves no ``output`` behind (only a hidden ``.name.tmp-*`` folder).
+    even a hard kill leaves no ``output`` behind (only a hidden ``.name.tmp-PID-*`` folder, which
+    the next write to the same ``output`` removes once its process is gone, with a warning).
+    ``force`` replaces only what was at ``output`` when writing began, and only a model or adapter
+    folder: an ``output`` that appears meanwhile is never replaced.
 
     Raises:
-        OutputExistsError: ``output`` exists and ``force`` is False.
+        OutputExistsError: ``output`` exists and ``force`` is False, is not ours to replace, or
+            appeared while writing.
+        DiskFullError: the disk filled up (the temporary folder is removed); ``needed``, the
+            expected size in bytes when known, is named in the message.
     """
     output = Path(output).absolute()
-    if output.exists() and not force:
-        raise OutputExistsError(
-            f"output {output} already exists; choose another path or pass --force to replace it"
-        )
+    before = _identity(output)
+    if before is not None:
+        if not force:
+            raise OutputExistsError(
+                f"output {output} already exists; choose another path or pass --force to replace it"
+            )
+        check_replaceable(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_temporaries(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         yield tmp
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
+        _move_into_place(tmp, output, before)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e, output, needed) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells the folder at ``path`` from another one made there later (inodes are reused)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _move_into_place(tmp: Path, output: Path, before: tuple[int, int, int] | None) -> None:
+    """Rename ``tmp`` to ``output``, replacing only the ``output`` seen at the start."""
+    appeared = OutputExistsError(
+        f"output {output} appeared while it was being written; it was left alone and the new "
+        "result discarded: remove it or choose another path, then run again"
+    )
+    old = None
+    if before is not None:
+        if _identity(output) != before:
+            raise appeared
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    try:
+        rename_noreplace(tmp, output)
+    except FileExistsError:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                rename_noreplace(old, output.with_name(f"{output.name}.replaced-{os.getpid()}"))
+        raise appeared from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -109,10 +204,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     not exist yet, so the file gets the umask's mode, as a plain write would.
     """
     path = Path(path)
+    remove_stale_temporaries(path, path.stem, path.suffix)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e, path) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -225,6 +326,7 @@ def write_model_folder(
     on_tensor: Callable[[str, int], None] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     check: Callable[[Path], None] | None = None,
+    expected_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write a complete MLX model folder atomically.
 
@@ -239,14 +341,16 @@ def write_model_folder(
         on_tensor: progress callback ``(name, nbytes)`` after each tensor is written.
         check: called with the finished temporary folder before it is renamed to ``output``;
             an exception from it leaves no ``output`` (the quantization probe uses this).
+        expected_bytes: about how large the weights will be, named if the disk fills up.
 
     Returns:
         Totals from :func:`write_safetensors`, plus ``"path"``.
 
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is False.
+        DiskFullError: the disk filled up (nothing is left behind).
     """
-    with atomic_output(output, force=force) as tmp:
+    with atomic_output(output, force=force, needed=expected_bytes) as tmp:
         totals = write_safetensors(tmp, tensors, max_shard_bytes, on_tensor)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
         if generation_config:

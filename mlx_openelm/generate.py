@@ -17,6 +17,7 @@ actually switch on within OpenELM's 2048-token context, and draft-model checks. 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -26,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import GenerationError, ModelNotFoundError
+from .errors import GenerationError, ModelNotFoundError, OpenELMWarning
 from .generate_options import GenerationOptions, StopMatcher  # re-exported
+from .lookup import LookupStats
+from .penalties import with_history
 
 if TYPE_CHECKING:
     from mlx_lm.generate import GenerationResponse
@@ -67,6 +70,45 @@ def check_draft_model(
             f"the draft model has a {theirs}-token vocabulary but the model has {ours}; "
             "speculative decoding needs the same tokenizer: use a smaller OpenELM (e.g. "
             "apple/OpenELM-270M-Instruct) as --draft-model"
+        )
+
+
+def check_prompt_length(model: nn.Module, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuse a prompt longer than the model's context; warn when the reply would run past it.
+
+    Raises:
+        GenerationError: the prompt alone does not fit the context.
+    """
+    context = getattr(getattr(model, "args", None), "max_context_length", None)
+    if not isinstance(context, int):
+        return
+    if prompt_tokens > context:
+        raise GenerationError(
+            f"the prompt is {prompt_tokens} tokens but the model's context holds {context}; "
+            f"shorten it by at least {prompt_tokens - context} tokens"
+        )
+    if prompt_tokens + max_tokens > context:
+        warnings.warn(
+            f"the prompt ({prompt_tokens} tokens) + --max-tokens {max_tokens} run past the "
+            f"{context}-token context: tokens beyond position {context} are past what the model "
+            "was trained on",
+            OpenELMWarning,
+            stacklevel=2,
+        )
+
+
+def check_kv_bits(model: nn.Module, kv_bits: int | None, kv_group_size: int) -> None:
+    """A quantized KV cache needs the head size to be a multiple of its group size.
+
+    Raises:
+        GenerationError: ``kv_bits`` is set and this model's heads cannot be grouped.
+    """
+    head_dim = getattr(getattr(model, "args", None), "head_dim", None)
+    if kv_bits is not None and isinstance(head_dim, int) and head_dim % kv_group_size:
+        raise GenerationError(
+            f"kv_bits (--kv-bits) needs the model's head size ({head_dim}) to be a multiple of "
+            f"the KV quantization group ({kv_group_size}); this model cannot quantize its "
+            "cache: drop --kv-bits"
         )
 
 
@@ -153,6 +195,8 @@ def stream_generate(
     draft_model: nn.Module | None = None,
     prompt_cache: list[Any] | None = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    context: Sequence[int] = (),
+    lookup_stats: LookupStats | None = None,
     **option_keywords: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token; the call shape of ``mlx_lm.stream_generate``.
@@ -171,6 +215,9 @@ def stream_generate(
         prompt_cache: a cache from ``make_cache`` to extend in place (multi-turn reuse); it then
             holds the prompt and every generated token, EOS included.
         prompt_progress_callback: ``(processed, total)`` during prefill (not with a draft model).
+        context: the ids ``prompt_cache`` already holds (an earlier turn): prompt lookup matches
+            them and the context-scope repetition penalty counts them.
+        lookup_stats: counts proposed and accepted prompt-lookup candidates, when given.
         **option_keywords: :class:`GenerationOptions` fields (``temp=0.7``, ``stop=[...]``)
             applied over ``options``: the keyword form of the same call.
 
@@ -188,10 +235,22 @@ def stream_generate(
     if max_tokens is not None:
         option_keywords["max_tokens"] = max_tokens
     opts = GenerationOptions.of(options, **option_keywords).validate()
+    opts.check_logit_bias(vocab_size(model))
+    check_kv_bits(model, opts.kv_bits, opts.kv_group_size)
+    if draft_model is not None:
+        check_kv_bits(draft_model, opts.kv_bits, opts.kv_group_size)
     ids = _prompt_ids(tokenizer, prompt)
+    processors = opts.logits_processors(start=len(context) + ids.size)
+    if opts.prompt_lookup_num_tokens is not None:
+        if draft_model is not None:
+            opts.check_with_draft()  # says to pick one
+        responses = _lookup(model, tokenizer, ids, opts, processors, prompt_cache, context,
+                            lookup_stats, prompt_progress_callback)  # fmt: skip
+        yield from _with_stops(responses, StopMatcher(opts.stop))
+        return
     kwargs: dict[str, Any] = {
         "sampler": opts.sampler(),
-        "logits_processors": opts.logits_processors(),
+        "logits_processors": with_history(processors, context),
         "prompt_cache": prompt_cache,
         "kv_bits": opts.kv_bits,
         "kv_group_size": opts.kv_group_size,
@@ -210,6 +269,34 @@ def stream_generate(
         model, _for_mlx_lm(tokenizer), ids, opts.max_tokens, draft_model=draft_model, **kwargs
     )
     yield from _with_stops(responses, StopMatcher(opts.stop))
+
+
+def _lookup(
+    model: nn.Module,
+    tokenizer: Any,
+    ids: mx.array,
+    opts: GenerationOptions,
+    processors: list[Any],
+    cache: list[Any] | None,
+    context: Sequence[int],
+    stats: LookupStats | None,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[GenerationResponse]:
+    """Prompt-lookup decoding (:mod:`mlx_openelm.lookup`) behind mlx-lm's response shape."""
+    from .lookup import Sampling, lookup_generate_step, stream_responses
+
+    if cache is None:
+        cache = make_cache(model, kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size)
+    if opts.seed is not None:
+        mx.random.seed(opts.seed)
+    steps = lookup_generate_step(
+        ids, model, cache=cache, context=context,
+        num_tokens=opts.prompt_lookup_num_tokens, max_ngram=opts.prompt_lookup_max_ngram,
+        max_tokens=opts.max_tokens, logits_processors=processors, stats=stats,
+        sampling=Sampling(temp=opts.temp, top_p=opts.top_p, min_p=opts.min_p, top_k=opts.top_k),
+        prompt_progress_callback=progress,
+    )  # fmt: skip
+    return stream_responses(steps, _for_mlx_lm(tokenizer), ids.size, opts.max_tokens)
 
 
 def _with_stops(
@@ -301,12 +388,13 @@ def _hub_errors_as_not_found(name: str | Path) -> Iterator[None]:
 
 
 def format_stats(
-    last: GenerationResponse, draft_tokens: int | None = None, model: nn.Module | None = None
+    last: GenerationResponse,
+    draft_tokens: int | None = None,
+    lookup: LookupStats | None = None,
+    model: nn.Module | None = None,
 ) -> str:
-    """One line of end-of-generation stats from the last response (and draft acceptance).
-
-    A quantized ``model`` adds how it ran (``runtime.Execution``: dequantized or quantized).
-    """
+    """One line of end-of-generation stats from the last response (and draft or lookup
+    acceptance). A quantized ``model`` adds how it ran (``runtime.Execution``)."""
     line = (
         f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
         f"generated: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -315,6 +403,11 @@ def format_stats(
     if draft_tokens is not None:
         share = draft_tokens / max(last.generation_tokens, 1)
         line += f" | draft accepted: {draft_tokens}/{last.generation_tokens} ({share:.0%})"
+    if lookup is not None:
+        line += (
+            f" | lookup: {lookup.accepted} of {lookup.proposed} proposed accepted "
+            f"({lookup.acceptance:.0%})"
+        )
     execution = getattr(model, "execution", None)
     if execution is not None and execution.quantization is not None:
         line += f" | weights: {execution.describe()}"

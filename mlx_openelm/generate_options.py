@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GenerationError
+from .choices import RepetitionScope, values
+from .errors import GenerationError, short
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -32,6 +33,7 @@ __all__ = [
     "FLAGS",
     "KV_BITS",
     "GenerationOptions",
+    "RepetitionScope",
     "StopMatcher",
 ]
 
@@ -45,6 +47,11 @@ DEFAULT_REPETITION_CONTEXT = 20
 DEFAULT_NUM_DRAFT = 3
 DEFAULT_KV_GROUP_SIZE = 64
 KV_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_LOOKUP_NGRAM = 2  # Hugging Face's default max_matching_ngram_size
+MAX_LOOKUP_TOKENS = 64  # more candidates than this cost a long verification for nothing
+
+REPETITION_SCOPES = values(RepetitionScope)
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts biases in [-100, 100]
 
 # The CLI flag of each option, for error messages.
 FLAGS = {
@@ -58,33 +65,65 @@ FLAGS = {
     "max_kv_size": "--max-kv-size",
     "kv_bits": "--kv-bits",
     "num_draft_tokens": "--num-draft",
+    "seed": "--seed",
     "stop": "--stop",
+    "repetition_scope": "--repetition-scope",
+    "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty",
+    "logit_bias": "--logit-bias",
+    "prompt_lookup_num_tokens": "--prompt-lookup",
+    "prompt_lookup_max_ngram": "--prompt-lookup-ngram",
 }
 
 
-def _finite_at_least(low: float) -> Callable[[Any], bool]:
-    return lambda v: math.isfinite(v) and v >= low
+_INT_MAX = 2**31 - 1  # counts and sizes: beyond this mlx-lm's int32 arithmetic overflows
+
+
+def _number(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+    """A rule for a float option: a real, finite number (not a bool, not a string) passing
+    ``test``."""
+    return lambda v: (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+    )
+
+
+def _integer(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: type(v) is int and low <= v <= high), f"an integer from {low} to {high}"
 
 
 # field -> (is the value valid, what valid means, a hint for the CLI). None is valid for the
-# optional fields (repetition_penalty, max_kv_size, kv_bits) and is never passed to a rule.
+# optional fields (repetition_penalty, seed, max_kv_size, kv_bits) and is never passed to a
+# rule. Every rule checks the type too: the server and the Python API pass values unparsed.
 _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "max_tokens": (lambda v: v > 0, "a positive integer", ""),
-    "temp": (_finite_at_least(0), ">= 0", "(0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]", "(1 = off)"),
-    "top_k": (lambda v: v >= 0, ">= 0", "(0 = off)"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]", "(0 = off)"),
+    "max_tokens": (*_integer(1, _INT_MAX), ""),
+    "temp": (_number(lambda v: v >= 0), ">= 0", "(0 = greedy)"),
+    "top_p": (_number(lambda v: 0 < v <= 1), "in (0, 1]", "(1 = off)"),
+    "top_k": (*_integer(0, _INT_MAX), "(0 = off)"),
+    "min_p": (_number(lambda v: 0 <= v <= 1), "in [0, 1]", "(0 = off)"),
     "repetition_penalty": (
-        lambda v: math.isfinite(v) and v > 0,
+        _number(lambda v: v > 0),
         "> 0",
         "(1 = off; 1.1-1.3 discourages repeats)",
     ),
-    "repetition_context_size": (lambda v: v > 0, "a positive integer", ""),
-    "max_kv_size": (lambda v: v > 0, "> 0", ""),
-    "kv_bits": (lambda v: v in KV_BITS, f"one of {KV_BITS}", ""),
-    "kv_group_size": (lambda v: v > 0, "> 0", ""),
-    "quantized_kv_start": (lambda v: v >= 0, ">= 0", ""),
-    "num_draft_tokens": (lambda v: v > 0, "> 0", ""),
+    "repetition_context_size": (*_integer(1, _INT_MAX), ""),
+    "seed": (*_integer(0, 2**64 - 1), ""),  # MLX seeds with an unsigned 64-bit integer
+    "max_kv_size": (*_integer(1, _INT_MAX), ""),
+    "kv_bits": (lambda v: type(v) is int and v in KV_BITS, f"one of {KV_BITS}", ""),
+    "kv_group_size": (lambda v: type(v) is int and v in (32, 64, 128), "32, 64 or 128", ""),
+    "quantized_kv_start": (*_integer(0, _INT_MAX), ""),
+    "num_draft_tokens": (*_integer(1, 1024), ""),
+    "repetition_scope": (
+        lambda v: v in REPETITION_SCOPES,
+        "'context' or 'window'",
+        "(context: every token, as Hugging Face; window: the last repetition_context_size)",
+    ),
+    "presence_penalty": (_number(lambda v: -2 <= v <= 2), "in [-2, 2]", "(0 = off)"),
+    "frequency_penalty": (_number(lambda v: -2 <= v <= 2), "in [-2, 2]", "(0 = off)"),
+    "prompt_lookup_num_tokens": (
+        *_integer(1, MAX_LOOKUP_TOKENS),
+        "(Apple suggests 10; 0 or leaving it out: plain decoding)",
+    ),
+    "prompt_lookup_max_ngram": (*_integer(1, 8), "(Hugging Face uses 2)"),
 }
 
 
@@ -103,6 +142,13 @@ class GenerationOptions:
             ``quantized_kv_start`` tokens (0: from the start; mlx-lm's default of 5000 is never
             reached in OpenELM's 2048-token context).
         num_draft_tokens: tokens a draft model proposes per step (speculative decoding).
+        repetition_scope: ``"window"`` (mlx-lm: the last ``repetition_context_size`` tokens)
+            or ``"context"`` (Hugging Face, as in Apple's examples: every token of the prompt
+            and the reply), see :mod:`mlx_openelm.penalties`.
+        presence_penalty, frequency_penalty: OpenAI's, over the tokens generated so far.
+        logit_bias: ``{token_id: bias}`` added to the logits (kept as sorted pairs).
+        prompt_lookup_num_tokens: prompt-lookup decoding with up to N candidates per step
+            (None: off), matching suffix n-grams of at most ``prompt_lookup_max_ngram`` tokens.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -119,11 +165,22 @@ class GenerationOptions:
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = 0
     num_draft_tokens: int = DEFAULT_NUM_DRAFT
+    repetition_scope: str = "window"
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_lookup_num_tokens: int | None = None
+    prompt_lookup_max_ngram: int = DEFAULT_LOOKUP_NGRAM
 
     def __post_init__(self) -> None:
         # A list (from Typer or JSON) becomes a tuple, so options stay hashable and unshared.
         stop = () if self.stop is None else self.stop
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
+        bias = self.logit_bias or ()
+        pairs = bias.items() if isinstance(bias, Mapping) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted(pairs)))
+        scope = getattr(self.repetition_scope, "value", self.repetition_scope)  # an Enum
+        object.__setattr__(self, "repetition_scope", scope)
 
     @classmethod
     def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
@@ -161,16 +218,51 @@ class GenerationOptions:
             name, valid, hint = bad
             flag = f" ({FLAGS[name]})" if name in FLAGS else ""
             must = f"{valid} {hint}" if hint else valid
-            raise GenerationError(f"{name}{flag} must be {must}, got {getattr(self, name)!r}")
+            value = short(repr(getattr(self, name)), 60)
+            raise GenerationError(f"{name}{flag} must be {must}, got {value}")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise GenerationError(
                 "kv_bits (--kv-bits) cannot be combined with max_kv_size (--max-kv-size): mlx-lm "
                 "cannot quantize a rotating cache; drop one of them"
             )
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise GenerationError(f"stop strings (--stop) must be non-empty text, got {s!r}")
+            if not isinstance(s, str) or not s or not _is_utf8(s):
+                raise GenerationError(
+                    f"stop strings (--stop) must be non-empty UTF-8 text, got {short(repr(s))}"
+                )
+        self.check_logit_bias()
+        if self.prompt_lookup_num_tokens is not None and self.max_kv_size is not None:
+            raise GenerationError(
+                "prompt lookup (--prompt-lookup) cannot be combined with max_kv_size "
+                "(--max-kv-size): it rolls the cache back, which a rotating cache cannot do"
+            )
         return self
+
+    def check_logit_bias(self, vocab_size: int | None = None) -> None:
+        """Every biased id inside the vocabulary (when known) and every bias in [-100, 100].
+
+        Raises:
+            GenerationError: naming the first bad id or bias.
+        """
+        for token, bias in self.logit_bias:
+            if (
+                isinstance(token, bool)
+                or not isinstance(token, int)
+                or token < 0
+                or (vocab_size is not None and token >= vocab_size)
+            ):
+                ids = f"0..{vocab_size - 1}" if vocab_size is not None else "ids >= 0"
+                raise GenerationError(
+                    f"logit_bias (--logit-bias) names token {token!r}, outside the vocabulary "
+                    f"({ids}); use ids from the model's tokenizer"
+                )
+            if not (isinstance(bias, (int, float)) and math.isfinite(bias)) or (
+                abs(bias) > LOGIT_BIAS_LIMIT
+            ):
+                raise GenerationError(
+                    f"logit_bias (--logit-bias) for token {token} must be in [-100, 100], "
+                    f"got {bias!r}"
+                )
 
     def check_with_draft(self) -> None:
         """The options a draft model cannot work with.
@@ -183,6 +275,11 @@ class GenerationOptions:
                 "max_kv_size (--max-kv-size) cannot be combined with a draft model: speculative "
                 "decoding rewinds the cache, which a rotating cache cannot do; drop one of them"
             )
+        if self.prompt_lookup_num_tokens is not None:
+            raise GenerationError(
+                "prompt lookup (--prompt-lookup) and a draft model (--draft-model) both propose "
+                "tokens; pick one: drop --draft-model, or set --prompt-lookup 0"
+            )
 
     def sampler(self) -> Callable[[Any], Any]:
         """mlx-lm's sampler for these options (``temp=0``: argmax)."""
@@ -190,14 +287,33 @@ class GenerationOptions:
 
         return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
-    def logits_processors(self) -> list[Callable[[Any, Any], Any]]:
-        """mlx-lm's logits processors for these options (empty when none is on)."""
-        from mlx_lm.sample_utils import make_logits_processors
+    def logits_processors(self, start: int = 0) -> list[Callable[[Any, Any], Any]]:
+        """The logits processors for these options (empty when none is on), see
+        :func:`mlx_openelm.penalties.make_processors`.
 
-        return make_logits_processors(
+        Args:
+            start: where the completion starts in the token history the processors see (the
+                presence and frequency penalties count the tokens from there on).
+        """
+        from .penalties import make_processors
+
+        return make_processors(
+            start=start,
             repetition_penalty=self.repetition_penalty,
+            repetition_scope=self.repetition_scope,
             repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias),
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 class StopMatcher:

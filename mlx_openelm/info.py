@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from .config import ModelArgs
+from .errors import TokenizerError
 from .folder import safetensors_header
+from .jsonio import read_json
 from .loading import load_config, resolve_model_path
 from .runtime import plan_execution
 
@@ -25,7 +26,7 @@ def describe_model(model: str | Path) -> dict[str, Any]:
         dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
         names |= set(header) - {"__metadata__"}
     tok_cfg = folder / "tokenizer_config.json"
-    has_template = tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
+    has_template = tok_cfg.is_file() and "chat_template" in read_json(tok_cfg, TokenizerError)
     return {
         "path": str(folder),
         "parameters": args.num_parameters(),

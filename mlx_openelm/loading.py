@@ -8,7 +8,6 @@ converted once into a local cache folder (``$MLX_OPENELM_HOME``, default
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ from mlx.utils import tree_flatten
 
 from . import fastmath
 from .config import ModelArgs
+from .config_check import check_fits_memory
 from .errors import AdapterError, ConfigError, ModelNotFoundError, WeightsError
+from .jsonio import read_json
 from .mismatch import first_names, tensor_mismatches
 from .model import Model
 from .runtime import dequantize_model, float32_bytes, plan_execution
@@ -78,22 +79,28 @@ def load_config(folder: Path) -> dict[str, Any]:
             f"{folder} is not a model folder: it has no config.json "
             "(convert a checkpoint first with `mlx-openelm convert`)"
         )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-create it or re-convert") from e
+    return read_json(path, ConfigError, "re-create it or re-convert")
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:
-    """Load every ``model*.safetensors`` tensor of a folder (lazily memory-mapped by MLX)."""
+    """Load every ``model*.safetensors`` tensor of a folder (lazily memory-mapped by MLX).
+
+    Raises:
+        WeightsError: no weight files, or a header that is malformed or disagrees with its file.
+    """
     files = sorted(glob.glob(str(Path(folder) / "model*.safetensors")))
     if not files:
         raise WeightsError(
             f"{folder} has no model*.safetensors weights; convert the checkpoint with "
             "`mlx-openelm convert SOURCE OUTPUT`"
         )
+    from .convert.tensors import open_safetensors  # the converter's header checks
+
     weights: dict[str, mx.array] = {}
     for f in files:
+        # MLX's own reader multiplies shapes in 64 bits: a crafted [2**31, 2**31, 4] comes back
+        # with a negative shape. Check every entry against the file first.
+        open_safetensors(Path(f))
         try:
             weights.update(mx.load(f))
         except (RuntimeError, ValueError) as e:
@@ -158,6 +165,7 @@ def load_model(
     folder = Path(folder)
     config = load_config(folder)
     args = ModelArgs.from_dict(config)
+    check_fits_memory(args, str(folder))
     fastmath.keep_freed_memory()
     model = Model(args)
     weights = model.sanitize(load_weights(folder))

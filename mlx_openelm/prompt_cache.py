@@ -90,13 +90,14 @@ class PrefixCache:
         return cache, reuse
 
     def put(self, cache: list[Any], tokens: Sequence[int]) -> None:
-        """Keep ``cache`` for the next request; ``tokens`` are exactly the tokens it holds.
+        """Keep ``cache`` for the next request; it holds ``tokens``, or (prompt lookup and
+        speculative decoding never feed the last token) all of them but the last.
 
-        A cache whose length does not match ``tokens`` is dropped rather than trusted.
+        A cache whose length fits neither is dropped rather than trusted.
         """
         offset = getattr(cache[0], "offset", None) if cache else None
-        if offset == len(tokens):
-            self._cache, self._tokens = cache, list(tokens)
+        if offset is not None and len(tokens) - 1 <= offset <= len(tokens):
+            self._cache, self._tokens = cache, list(tokens[:offset])
         else:
             self.clear()
 

@@ -30,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlx_openelm.detokenizer import SPECIAL, StreamingDetokenizer, piece_table
 from mlx_openelm.errors import TokenizerError
+from mlx_openelm.jsonio import read_json
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -169,6 +170,7 @@ class Tokenizer:
         """
         if add_special_tokens is not None:
             add_bos = add_special_tokens
+        check_text(text)
         ids = [self.bos_id] if add_bos else []
         for i, part in enumerate(self._special_re.split(text)):
             if i % 2:  # re.split puts the captured special strings at the odd positions
@@ -302,16 +304,31 @@ class Tokenizer:
         (folder / TOKENIZER_CONFIG_FILENAME).write_text(text, encoding="utf-8")
 
 
+def check_text(text: str) -> None:
+    """Refuse text SentencePiece cannot take: a lone surrogate (``\\udcff`` is how Python holds
+    a command-line byte that is not UTF-8) would end in a pybind11 cast error.
+
+    Raises:
+        TokenizerError: naming the position and how to fix it.
+    """
+    if not isinstance(text, str):
+        raise TokenizerError(f"text to tokenize must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(
+            f"the text is not valid UTF-8: character {e.start} ({text[e.start]!r}) is a lone "
+            "surrogate, e.g. from bytes that are not UTF-8; give UTF-8 text"
+        ) from None
+
+
 def _read_chat_template(folder: Path) -> str | None:
     """The ``chat_template`` of ``folder/tokenizer_config.json``, if the file has one."""
     config_file = folder / TOKENIZER_CONFIG_FILENAME
     if not config_file.is_file():
         return None
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{config_file} is not valid JSON ({exc}). Fix or delete it.") from exc
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    config = read_json(config_file, TokenizerError, "fix or delete it")
+    template = config.get("chat_template")
     if isinstance(template, list):  # Hugging Face's named templates: [{"name", "template"}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

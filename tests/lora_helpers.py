@@ -43,6 +43,19 @@ def randomize_adapters(model: Any, seed: int = 0, std: float = 0.05) -> None:
     mx.eval(model.parameters())
 
 
+def make_adapters(model_dir: Path, out: Path, spec: Any, seed: int = 0) -> Path:
+    """An adapter folder for ``model_dir`` with random (non-zero) weights."""
+    from mlx_openelm.loading import load
+    from mlx_openelm.lora import apply_adapters
+    from mlx_openelm.lora.adapters import save_adapters
+
+    model, _ = load(model_dir)
+    mx.random.seed(seed)
+    config = apply_adapters(model, spec)
+    randomize_adapters(model, seed=seed)
+    return save_adapters(model, out, config)
+
+
 def write_random_lora(folder: Path, out: Path, seed: int = 0) -> Path:
     """A LoRA adapter folder (rank 4 on the last two layers' qkv) with N(0, 1) weights."""
     from mlx_lm.tuner.utils import linear_to_lora_layers

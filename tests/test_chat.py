@@ -46,9 +46,14 @@ def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def fresh_reply(model, tok, ids: list[int], n: int = N) -> str:
-    """Greedy reply computed from scratch (no cache kept between turns)."""
-    return mlx_openelm.generate(model, tok, ids, n)
+def fresh_reply(model, tok, ids: list[int], n: int = N, **options) -> str:
+    """Greedy reply computed from scratch (no cache kept between turns, no prompt lookup)."""
+    return mlx_openelm.generate(model, tok, ids, n, **options)
+
+
+# What `chat` gives an Instruct model unless told otherwise (it also turns prompt lookup on,
+# which leaves greedy replies as they are).
+APPLE = {"repetition_penalty": 1.2, "repetition_scope": "context"}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -76,10 +81,10 @@ def test_cli_transcript(dirs, inst):
 
     system = {"role": "system", "content": "be brief"}
     turn1 = tok.encode_chat([user("hi")])
-    reply1 = fresh_reply(model, tok, turn1)
+    reply1 = fresh_reply(model, tok, turn1, **APPLE)
     turn2 = tok.encode_chat([system, user("hi"), assistant(reply1), user("hello again")])
-    reply2 = fresh_reply(model, tok, turn2)
-    reply3 = fresh_reply(model, tok, tok.encode_chat([system, user("hi")]))
+    reply2 = fresh_reply(model, tok, turn2, **APPLE)
+    reply3 = fresh_reply(model, tok, tok.encode_chat([system, user("hi")]), **APPLE)
     assert result.stdout == (
         f">>> hi\n{reply1}\n>>> /system be brief\n>>> hello again\n{reply2}\n>>> /stats\n"
         f">>> /reset\n>>> hi\n{reply3}\n>>> /quit\n"
@@ -103,9 +108,16 @@ def test_cli_second_turn_prefills_only_new_tokens(dirs, inst):
     assert result.exit_code == 0, result.output
     (_, p1, f1, g1), (_, p2, f2, g2) = stats_rows(result.stderr)
     assert p1 == f1 == len(tok.encode_chat([user("hi")])) and g1 == N
-    assert f2 == p2 - (p1 + g1)  # everything up to the end of reply 1 came from the cache
-    # Reply 1 hit the length limit (no EOS), so the new text starts with the template's </s>.
-    assert f2 == len(tok.encode("</s>\n<|user|>\nhello again</s>\n<|assistant|>\n", add_bos=False))
+    # Everything up to the end of reply 1 came from the cache but its last token, which prompt
+    # lookup (on by default for Instruct models) never feeds: it runs with the next turn.
+    assert f2 == p2 - (p1 + g1) + 1
+    # Plain greedy decoding feeds every token. Reply 1 hit the length limit (no EOS), so the
+    # new text starts with the template's </s>.
+    args = ("--prompt-lookup", "0", "--repetition-penalty", "1")
+    plain = chat_cli(dirs["inst"], "hi\nhello again\n/stats\n", *args)
+    (_, p1, f1, g1), (_, p2, f2, g2) = stats_rows(plain.stderr)
+    glue = tok.encode("</s>\n<|user|>\nhello again</s>\n<|assistant|>\n", add_bos=False)
+    assert f2 == p2 - (p1 + g1) == len(glue)
 
 
 def test_cache_reuse_is_exact(inst):
@@ -283,9 +295,12 @@ def test_save_and_load_transcript(dirs, inst, tmp_path):
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
-        (None, "cannot read transcript"),
-        (b"\xff\xfe not utf-8", "cannot read transcript"),
-        (b'{"role": "user", "content": "hi"}\nnot json\n', ":2 is not JSON"),
+        (None, "cannot read"),
+        (b"\xff\xfe not utf-8", ":1: not valid UTF-8"),
+        (b'{"role": "user", "content": "hi"}\nnot json\n', ":2: malformed JSON"),
+        (b'{"role": "user", "content": ' + b"9" * 5000 + b"}\n", ":1: bad JSON value"),
+        (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: JSON nested too deeply"),
+        (b'{"role": "user", "content": "\\ud800"}\n', ":1: a string at content holds a lone"),
         (b'{"role": "robot", "content": "hi"}\n', ':1: expected {"role"'),
         (
             b'{"role": "user", "content": "hi"}\n{"role": "system", "content": "x"}\n',

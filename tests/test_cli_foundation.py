@@ -25,7 +25,7 @@ def test_version():
 
 
 COMMANDS = ["info", "convert", "generate", "chat", "lora", "fuse", "export-peft", "import-peft",
-            "plot", "bench", "doctor", "serve", "eval"]  # fmt: skip
+            "plot", "export-gguf", "bench", "doctor", "serve", "eval"]  # fmt: skip
 
 
 def test_help_lists_commands():

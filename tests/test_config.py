@@ -140,6 +140,23 @@ def test_from_dict_does_not_mutate_input():
         ({"num_kv_heads": [1, 1]}, "num_kv_heads"),
         ({"ffn_multipliers": [1.0, 2.0, 3.0]}, "ffn_multipliers"),
         ({"num_query_heads": [4, 4, 4, 4], "num_kv_heads": [3, 3, 3, 3]}, "num_query_heads"),
+        # hostile and careless values: each a ConfigError naming the field, before any use
+        ({"num_gqa_groups": 0}, "'num_gqa_groups' must be an integer in"),
+        ({"ffn_dim_divisor": 0}, "'ffn_dim_divisor' must be an integer in"),
+        ({"num_query_heads": ["4", 4, 4, 4]}, r"'num_query_heads\[0\]' must be an integer"),
+        ({"qkv_multipliers": [0.5, float("nan")]}, r"'qkv_multipliers\[1\]' must be a finite"),
+        ({"ffn_multipliers": "4"}, "'ffn_multipliers' must be a finite"),
+        ({"model_dim": 2**31}, "'model_dim' must be an integer in"),
+        ({"head_dim": 16.0}, "'head_dim' must be an integer"),
+        ({"vocab_size": True}, "'vocab_size' must be an integer"),
+        ({"num_transformer_layers": 10**6}, "'num_transformer_layers' must be an integer in"),
+        ({"quantization": "yes"}, "'quantization' must be an object"),
+        ({"quantization": {"bits": 5.5}}, "'quantization.bits' must be one of"),
+        ({"quantization": {"lm_head": {"group_size": 7}}}, "'quantization.lm_head.group_size'"),
+        ({"share_input_output_layers": "false"}, "'share_input_output_layers' must be true or"),
+        ({"rms_norm_eps": -1}, "'rms_norm_eps' must be a finite positive"),
+        ({"rope_freq_constant": float("inf")}, "'rope_freq_constant' must be a finite positive"),
+        ({"eos_token_id": 100}, r"'eos_token_id' must be an integer in \[0, 99\]"),
     ],
 )
 def test_bad_configs_name_the_field(cfg, field):
@@ -198,3 +215,22 @@ def test_corenet_explicit_fields():
     assert not args.normalize_qk_projections and not args.share_input_output_layers
     scaled = ModelArgs.from_corenet({**section, "qkv_multipliers": [0.5, 1.0]})
     assert scaled.num_query_heads == [2, 4, 4, 4]  # 64·0.67 → 32 is < 90%: 64
+
+
+def test_a_config_bigger_than_memory_is_refused_before_allocation(tmp_path, monkeypatch):
+    import json
+
+    from mlx_openelm import config_check
+    from mlx_openelm.loading import load_model
+
+    cfg = {"model_type": "openelm", "num_transformer_layers": 500, "model_dim": 2**16,
+           "head_dim": 128, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"parameters, at least .* GB of weights, more than"):
+        load_model(tmp_path)  # fails before Model() builds 500 layers or any weight is read
+    monkeypatch.setattr(config_check, "physical_memory", lambda: 10**6)
+    small = {"model_type": "openelm", "num_transformer_layers": 2, "model_dim": 512,
+             "head_dim": 64, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    with pytest.raises(ConfigError, match="more than this machine's 0.0 GB"):
+        load_model(tmp_path)

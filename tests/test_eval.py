@@ -163,7 +163,7 @@ def test_read_texts_text_and_jsonl(tmp_path):
     [
         ("", "is empty"),
         ("  \n\n", "is empty"),
-        ('{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: not valid JSON"),
+        ('{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: malformed JSON"),
         ('{"text": "ok"}\n{"txt": "x"}\n', r"bad\.jsonl:2: needs a string field \"text\""),
         ('["text"]\n', r"bad\.jsonl:1: expected a JSON object"),
     ],
@@ -209,7 +209,7 @@ def test_example_tasks_file_is_valid():
         ),
         ('{"context": "c", "choices": ["a", ""], "answer": 0}', r":2: every entry"),
         ('{"choices": ["a", "b"], "answer": 0}', r":2: needs a string field \"context\""),
-        ('{"context": "c", "choices": ["a", "b"], "answer": 0', r":2: not valid JSON"),
+        ('{"context": "c", "choices": ["a", "b"], "answer": 0', r":2: malformed JSON"),
     ],
 )
 def test_read_choice_tasks_errors(tmp_path, line, match):
@@ -373,14 +373,14 @@ def test_cli_perplexity_malformed_jsonl(tiny, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "broken"\n')
     cmd = ["eval", "perplexity", "-m", str(tiny[0]), "--data", str(data)]
-    assert f"{data}:2: not valid JSON" in one_error_line(runner.invoke(app, cmd))
+    assert f"{data}:2: malformed JSON" in one_error_line(runner.invoke(app, cmd))
 
 
 @pytest.mark.parametrize(
     "line,match",
     [
         ('{"context": "c", "choices": ["a", "b"], "answer": 5}', ':1: "answer" is 5'),
-        ('{"context": "c", "choices": ["a", "b"], "answer": 0', ":1: not valid JSON"),
+        ('{"context": "c", "choices": ["a", "b"], "answer": 0', ":1: malformed JSON"),
     ],
 )
 def test_cli_choice_bad_inputs(tiny, tmp_path, line, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import subprocess
 import sys
 
@@ -206,6 +207,10 @@ def test_keep_freed_memory_keeps_temporaries_for_reuse():
     applied, faults, kept = run(env)
     assert applied == "True"
     assert kept > 150, kept
-    assert faults < 1_000
+    # Memory handed back and taken again faults on every page: 5 steps x 192 MB = ~245,000 faults.
+    # Kept memory faults on almost none (~100 here); under heavy load (13 processes on 2 cores) the
+    # kernel's own page work added up to ~2,000 once, so the bound is 2% of the untuned count.
+    pages = 5 * 192 * 2**20 // resource.getpagesize()
+    assert faults < 0.02 * pages, (faults, pages)
     # A user's own malloc settings win: nothing is changed.
     assert run({**env, "MALLOC_TRIM_THRESHOLD_": "0"})[0] == "False"

@@ -3,6 +3,7 @@ prompts (chat template, raw, stdin), option checks, and the ``generate`` command
 
 from __future__ import annotations
 
+import json
 import re
 
 import mlx.core as mx
@@ -14,7 +15,13 @@ from typer.testing import CliRunner
 import mlx_openelm
 from mlx_openelm.cli import app
 from mlx_openelm.errors import GenerationError
-from mlx_openelm.generate import GenerationOptions, StopMatcher, build_prompt, stream_generate
+from mlx_openelm.generate import (
+    GenerationOptions,
+    StopMatcher,
+    build_prompt,
+    generate,
+    stream_generate,
+)
 from mlx_openelm.serve.schema import parse_request
 
 import openelm_ref
@@ -209,10 +216,17 @@ def test_quantized_kv_cache(tiny_spm, tmp_path):
         ({"top_p": 1.5}, "top_p (--top-p) must be in (0, 1]"),
         ({"top_p": 0.0}, "top_p (--top-p) must be in (0, 1]"),
         ({"temp": -0.1}, "temp (--temp) must be >= 0"),
-        ({"max_tokens": 0}, "max_tokens (--max-tokens) must be a positive integer"),
+        ({"max_tokens": 0}, "max_tokens (--max-tokens) must be an integer from 1 to"),
         ({"kv_bits": 7}, "kv_bits (--kv-bits) must be one of"),
         ({"stop": [""]}, "stop strings (--stop) must be non-empty"),
         ({"kv_bits": 4, "max_kv_size": 64}, "kv_bits (--kv-bits) cannot be combined"),
+        ({"seed": -1}, "seed (--seed) must be an integer from 0 to 18446744073709551615"),
+        ({"seed": 2**70}, "seed (--seed) must be an integer from 0"),
+        ({"temp": "hot"}, "temp (--temp) must be >= 0"),
+        ({"top_k": 1.5}, "top_k (--top-k) must be an integer"),
+        ({"temp": float("nan")}, "temp (--temp) must be >= 0"),
+        ({"kv_group_size": 7}, "kv_group_size must be 32, 64 or 128"),
+        ({"stop": ["\udcff"]}, "stop strings (--stop) must be non-empty UTF-8 text"),
     ],
 )
 def test_bad_options_raise(inst, option, message):
@@ -228,10 +242,56 @@ def test_bad_options_raise(inst, option, message):
         (["--temp", "-1"], "--temp"),
         (["--max-tokens", "0"], "--max-tokens"),
         (["--kv-bits", "7"], "--kv-bits"),
+        (["--prompt-lookup", "-1"], "--prompt-lookup"),
+        (["--prompt-lookup", "1000"], "from 1 to 64"),
+        (["--prompt-lookup-ngram", "0"], "--prompt-lookup-ngram"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--presence-penalty", "5"], "[-2, 2]"),
+        (["--logit-bias", "5"], "ID=BIAS"),
+        (["--logit-bias", "999999=1"], "outside the vocabulary"),
+        (["--logit-bias", "5=200"], "[-100, 100]"),
+        (["--prompt-lookup", "5", "--max-kv-size", "64"], "rotating cache"),
     ],
 )
 def test_cli_bad_sampling_values(dirs, args, fragment):
     one_error_line(cli("-m", str(dirs["inst"]), "-p", "hi", *args), fragment)
+
+
+def test_cli_lookup_with_a_draft_model_says_pick_one(dirs):
+    args = ("--prompt-lookup", "5", "--draft-model", str(dirs["draft"]))
+    one_error_line(cli("-m", str(dirs["inst"]), "-p", "hi", *args), "pick one")
+
+
+LOOKUP = re.compile(r"lookup: (\d+) of (\d+) proposed accepted")
+
+
+def test_cli_prompt_lookup_prints_the_same_text_and_its_counts(dirs):
+    plain = cli("-m", str(dirs["inst"]), "-p", PROMPT, "-n", "24")
+    looked = cli("-m", str(dirs["inst"]), "-p", PROMPT, "-n", "24", "--prompt-lookup", "5")
+    assert looked.exit_code == 0, looked.output
+    assert looked.stdout == plain.stdout
+    counts = LOOKUP.search(looked.stderr)
+    assert counts and int(counts[2]) > 0 and "lookup:" not in plain.stderr
+
+
+def test_cli_generation_config_defaults_and_raw(dirs, inst, tmp_path):
+    """generation_config.json sampling fields are generate's defaults; --raw on a base model
+    stays plain greedy; a flag the user gives wins."""
+    import shutil
+
+    folder = shutil.copytree(dirs["base"], tmp_path / "base")
+    config = {"bos_token_id": 1, "repetition_penalty": 4.0, "prompt_lookup_num_tokens": 4}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    model, tok = mlx_openelm.load(folder)
+    ids = build_prompt(tok, PROMPT)
+    penalized = generate(model, tok, ids, 12, repetition_penalty=4.0, repetition_scope="context")
+    assert penalized != generate(model, tok, ids, 12)
+    result = cli("-m", str(folder), "-p", PROMPT, "-n", "12")
+    assert result.stdout == penalized + "\n" and LOOKUP.search(result.stderr)
+    raw = cli("-m", str(folder), "-p", PROMPT, "-n", "12", "--raw")
+    assert raw.stdout == generate(model, tok, ids, 12) + "\n" and "lookup" not in raw.stderr
+    mine = cli("-m", str(folder), "-p", PROMPT, "-n", "12", "--repetition-penalty", "1")
+    assert mine.stdout == generate(model, tok, ids, 12) + "\n"
 
 
 def test_cli_bad_models(dirs, tmp_path):

@@ -102,6 +102,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, tiny):
 def test_atomic_output_keeps_old_folder_on_failure(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("old")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "openelm"}')
     with pytest.raises(RuntimeError), atomic_output(tmp_path / "m", force=True) as tmp:
         (tmp / "new.txt").write_text("new")
         raise RuntimeError("boom")

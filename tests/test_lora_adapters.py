@@ -11,29 +11,19 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import make_model_dir
-from lora_helpers import randomize_adapters
+from lora_helpers import make_adapters
 from mlx.utils import tree_flatten
 
 from mlx_openelm.errors import AdapterError, OutputExistsError
 from mlx_openelm.folder import write_model_folder
 from mlx_openelm.loading import load, load_model
-from mlx_openelm.lora import AdapterSpec, apply_adapters, export_peft, fuse, import_peft
-from mlx_openelm.lora.adapters import save_adapters
+from mlx_openelm.lora import AdapterSpec, export_peft, fuse, import_peft
 from mlx_openelm.tokenizer import Tokenizer
 
 import openelm_ref
 from tiny import rel_err
 
 TOKENS = [1, 17, 42, 99, 7, 250, 3, 64]
-
-
-def make_adapters(model_dir: Path, out: Path, spec: AdapterSpec, seed: int = 0) -> Path:
-    """An adapter folder for ``model_dir`` with random (non-zero) weights."""
-    model, _ = load(model_dir)
-    mx.random.seed(seed)
-    config = apply_adapters(model, spec)
-    randomize_adapters(model, seed=seed)
-    return save_adapters(model, out, config)
 
 
 def as_float64(path: Path) -> dict[str, np.ndarray]:
@@ -207,6 +197,11 @@ def test_unreadable_adapter_folders_are_adapter_errors(tiny_model_dir, lora_dir,
     (broken / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="lora_parameters needs 'rank' and 'scale'"):
         load(tiny_model_dir, adapter_path=broken)
+    for field, value in (("rank", "8"), ("scale", float("nan")), ("dropout", 2.0)):
+        config["lora_parameters"] = {"rank": 8, "scale": 2.0, field: value}
+        (broken / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(AdapterError, match=f"'{field}' has the impossible value"):
+            load(tiny_model_dir, adapter_path=broken)
     (broken / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterError, match="is not valid JSON"):
+    with pytest.raises(AdapterError, match="adapter_config.json: malformed JSON"):
         load(tiny_model_dir, adapter_path=broken)

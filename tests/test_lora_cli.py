@@ -189,10 +189,12 @@ def test_config_file_gives_defaults_and_flags_win(tiny_model_dir, data_dir, tmp_
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("batch_size: 2\nbogus: 1\n", "unknown key(s) bogus"),
-        ("batch_size: [\n", "not valid YAML at line 2"),
-        ("- 1\n- 2\n", "expected a mapping"),
-        (None, "cannot read it"),
+        ("batch_size: 2\nbogus: 1\n", "--config {}: unknown key(s) bogus"),
+        ("batch_size: [\n", "{}:2: not valid YAML"),
+        ("- 1\n- 2\n", "--config {}: expected a mapping"),
+        (None, "cannot read {}"),
+        ("iters: " + "9" * 5000 + "\n", "{}: bad JSON value"),
+        ("iters: " + "[" * 5000 + "]" * 5000 + "\n", "{}: "),
     ],
 )
 def test_bad_config_file(tiny_model_dir, data_dir, tmp_path, text, message):
@@ -202,7 +204,7 @@ def test_bad_config_file(tiny_model_dir, data_dir, tmp_path, text, message):
     out = tmp_path / "out"
     line = one_error_line(lora(tiny_model_dir, "--data", str(data_dir), "-o", str(out),
                                "--config", str(config)))  # fmt: skip
-    assert f"--config {config}: {message}" in line
+    assert message.format(config) in line
     assert not out.exists()
 
 
@@ -241,3 +243,61 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, data_
     assert "last good checkpoint (step 1)" in line
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 1
+
+
+def test_training_without_validation_data_reports_without_a_best(
+    tiny_model_dir, data_dir, tmp_path
+):
+    out = tmp_path / "a"
+    for extra in ([], ["--test"], ["--plot"]):
+        args = ["lora", "-m", str(tiny_model_dir), "--train", str(data_dir / "train.jsonl"),
+                "-o", str(out), "--iters", "1", "--batch-size", "2", "--max-seq-len", "64",
+                "--force", *extra]  # fmt: skip
+        result = runner.invoke(app, args)
+        if extra == ["--test"]:  # --train FILE has no test.jsonl beside a data folder
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            continue
+        assert result.exit_code == 0, result.output
+        assert "Trained 1 steps" in result.output and "best validation" not in result.output
+        assert (out / "adapters.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--iters", "0", "--iters must be an integer from 1"),
+        ("--epochs", "0", "--epochs must be an integer from 1"),
+        ("--learning-rate", "-1", "--learning-rate must be a finite positive number"),
+        ("--learning-rate", "nan", "--learning-rate must be a finite positive number"),
+        ("--batch-size", "0", "--batch-size must be an integer from 1"),
+        ("--warmup", "-3", "--warmup must be an integer from 0"),
+        ("--weight-decay", "inf", "--weight-decay must be a number"),
+        ("--grad-clip", "0", "--grad-clip must be a positive number"),
+        ("--seed", "-1", "--seed must be an integer from 0"),
+        ("--dropout", "nan", "--dropout must be in [0, 1)"),
+        ("--alpha", "inf", "--alpha must be a finite non-zero number"),
+        ("--rank", "100000000", "--rank must be an integer from 1 to 65536"),
+        ("--rank", "3000", "--rank 3000 is larger than the widest adapted layer"),
+    ],
+)
+def test_zero_negative_and_absurd_numbers_are_refused_by_name(
+    tiny_model_dir, data_dir, tmp_path, flag, value, message
+):
+    out = tmp_path / "a"
+    args = [*FAST, flag, value] if flag != "--epochs" else ["--epochs", value]  # not with --iters
+    result = runner.invoke(app, ["lora", "-m", str(tiny_model_dir), "--data", str(data_dir),
+                                 "-o", str(out), *args])  # fmt: skip
+    assert message in one_error_line(result)
+    assert not out.exists()
+
+
+def test_force_will_not_delete_a_folder_that_is_not_an_adapter_folder(
+    tiny_model_dir, data_dir, tmp_path
+):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    line = one_error_line(lora(tiny_model_dir, "--data", str(data_dir), "-o", str(project),
+                               "--force"))  # fmt: skip
+    assert "--force will not replace" in line and "notes.txt" in line
+    assert (project / "notes.txt").read_text() == "mine"

@@ -219,8 +219,9 @@ def test_qlora_trains_a_quantized_base(tiny_model_dir, data_dir, tmp_path):
 
 
 def test_keep_best_and_early_stop(tiny_model_dir, data_dir, tmp_path):
-    # A zero learning rate never improves the validation loss: stop after 2 validations.
-    config = replace(FAST, learning_rate=0.0, val_every=1, early_stop=2, keep_best=True)
+    # A learning rate of 1e-30 moves the outputs less than one float32 ulp, so it never improves
+    # the validation loss: stop after 2 validations (0 itself is refused as a learning rate).
+    config = replace(FAST, learning_rate=1e-30, val_every=1, early_stop=2, keep_best=True)
     result = finetune(tiny_model_dir, tmp_path / "es", data=data_dir, config=config)
     assert result.stopped_early and result.steps == 2 and result.best_step == 0
     assert (tmp_path / "es" / "best" / "adapters.safetensors").is_file()

@@ -190,6 +190,52 @@ def test_stop_strings_and_repetition_penalty(client, loaded):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_prompt_lookup_and_penalties_match_generate(client, loaded):
+    """Prompt lookup leaves greedy text as it is; OpenAI's penalties and logit_bias shape it
+    as they do in generate; a bias of +100 makes one token the only choice."""
+    model, tok = loaded
+    ids = build_prompt(tok, "hi")
+    options = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_scope": "context",
+               "repetition_penalty": 1.3}  # fmt: skip
+    want = generate(model, tok, ids, max_tokens=16, **options)
+    assert want != generate(model, tok, ids, max_tokens=16)
+    for lookup in (None, 5):
+        body = {**options, **({"prompt_lookup_num_tokens": lookup} if lookup else {})}
+        r = client.chat.completions.create(model="x", messages=HI, max_tokens=16, extra_body=body)
+        assert r.choices[0].message.content == want
+    forced = tok.encode("hello", add_bos=False)[-1]
+    want = generate(model, tok, "a", max_tokens=5, logit_bias={forced: 100.0})
+    assert want == tok.decode([forced] * 5)
+    r = client.completions.create(model="x", prompt="a", max_tokens=5, logit_bias={forced: 100})
+    assert r.choices[0].text == want
+
+
+def test_lookup_continued_conversation_reuses_the_prompt_cache(client, loaded):
+    """The prefix cache keeps what lookup leaves (all but the reply's last token)."""
+    model, tok = loaded
+    extra = {"prompt_lookup_num_tokens": 4}
+    first = client.chat.completions.create(model="x", messages=HI, max_tokens=8, extra_body=extra)
+    reply = first.choices[0].message.content
+    conversation = [*HI, {"role": "assistant", "content": reply}, {"role": "user", "content": "ok"}]
+    ids = tok.encode_chat(conversation)
+    r = client.chat.completions.create(
+        model="x", messages=conversation, max_tokens=8, extra_body=extra
+    )
+    assert r.choices[0].message.content == generate(model, tok, ids, max_tokens=8)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(build_prompt(tok, "hi"))
+
+
+def test_serve_gives_instruct_models_apples_defaults(tiny_model_dir, tiny_base_model_dir):
+    from mlx_openelm.serve.app import _with_model_defaults
+
+    settings = ServerSettings(explicit=frozenset({"repetition_penalty"}))
+    for folder, lookup in ((tiny_model_dir, 10), (tiny_base_model_dir, None)):
+        _, tok = load(folder)
+        generation = _with_model_defaults(settings, folder, tok).generation
+        assert generation.prompt_lookup_num_tokens == lookup
+        assert generation.repetition_penalty is None  # the operator's choice (unset) stands
+
+
 def test_logprobs_match_float64_reference(client, loaded):
     _, tok = loaded
     weights = random_weights(tiny_config(vocab_size=tok.vocab_size), seed=0)
@@ -261,7 +307,7 @@ def test_one_log_line_per_request(client, caplog):
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"messages": HI, "max_tokens": -5}, "max_tokens", ">= 1, got -5"),
+        ({"messages": HI, "max_tokens": -5}, "max_tokens", "between 1 and 2147483647, got -5"),
         ({"messages": HI, "max_tokens": "many"}, "max_tokens", "integer"),
         ({"messages": HI, "temperature": -0.5}, "temperature", ">= 0, got -0.5"),
         ({"messages": HI, "top_p": 0}, "top_p", "(0, 1]"),
@@ -274,6 +320,21 @@ def test_one_log_line_per_request(client, caplog):
         ({"max_tokens": 3}, "messages", "non-empty list"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user'"),
         ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "string"),
+        # every field range- and type-checked (these were HTTP 500s)
+        ({"messages": HI, "seed": -1}, "seed", "from 0 to"),
+        ({"messages": HI, "seed": 2**70}, "seed", "from 0 to"),
+        ({"messages": HI, "top_k": 2**40}, "top_k", "from 0 to"),
+        ({"messages": HI, "temperature": "hot"}, "temperature", "number"),
+        ({"messages": HI, "max_tokens": 2**70}, "max_tokens", "between 1 and"),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", "lone"),
+        ({"messages": HI, "stop": ["a", "\udfff"]}, "stop[1]", "surrogate"),
+        ({"messages": HI, "logit_bias": {"999999": 5}}, "logit_bias", "outside the vocabulary"),
+        ({"messages": HI, "logit_bias": {"x": 5}}, "logit_bias", "token ids"),
+        ({"messages": HI, "logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
+        ({"messages": HI, "presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
+        ({"messages": HI, "frequency_penalty": "x"}, "frequency_penalty", "number"),
+        ({"messages": HI, "prompt_lookup_num_tokens": -1}, "prompt_lookup_num_tokens", "to 64"),
+        ({"messages": HI, "repetition_scope": "all"}, "repetition_scope", "'context' or"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(url, body, param, words):
@@ -298,6 +359,26 @@ def test_malformed_json_and_non_objects_are_400(url):
         assert status == 400, raw[:20]
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert "JSON" in error["error"]["message"]
+
+
+def test_slow_headers_are_dropped_and_a_slow_body_is_408(url, monkeypatch):
+    from mlx_openelm.serve import http as server_http
+
+    monkeypatch.setattr(server_http, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server_http, "BODY_TIMEOUT_S", 0.5)
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        tic = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - tic < 5
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        sock.sendall(head + b'{"prompt": ')  # 11 of the 100 bytes, then nothing
+        reply = b""
+        while b"}}" not in reply and (chunk := sock.recv(4096)):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in reply
 
 
 def test_oversized_body_is_413(url):

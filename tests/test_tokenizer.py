@@ -352,7 +352,7 @@ def test_from_folder_reads_config_and_explicit_file(tiny_spm: Path, tmp_path: Pa
     config.write_text(json.dumps({"chat_template": [{"name": "default", "template": "T"}]}))
     assert Tokenizer.from_folder(tmp_path, tokenizer_file=tiny_spm).chat_template == "T"
     config.write_text("{not json")
-    with pytest.raises(TokenizerError, match="tokenizer_config.json is not valid JSON"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: malformed JSON"):
         Tokenizer.from_folder(tmp_path, tokenizer_file=tiny_spm)
     config.write_text(json.dumps({"chat_template": 3}))
     with pytest.raises(TokenizerError, match="chat_template must be a string"):

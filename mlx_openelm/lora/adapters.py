@@ -22,9 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, ConfigError, short
 from ..folder import atomic_write, atomic_write_text
-from .config import FINE_TUNE_TYPES, AdapterSpec
+from ..jsonio import read_json
+from .config import FINE_TUNE_TYPES, MAX_RANK, AdapterSpec, is_finite_number
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -56,6 +57,46 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> l
             )
         keys.extend(matches)
     return [n for n in available if n in keys]  # one canonical order
+
+
+def check_adapter_size(model: nn.Module, spec: AdapterSpec) -> None:
+    """Refuse a LoRA rank beyond the adapted layers' widths or the machine's memory.
+
+    A rank above a layer's larger dimension gives an adapter bigger than the layer it adapts;
+    ``--rank 3000000`` would allocate tens of GB before failing, ``--rank 100000000`` crash.
+
+    Raises:
+        ConfigError: naming ``--rank``, the limit and why.
+    """
+    if spec.fine_tune_type == "full":
+        return
+    from ..config_check import physical_memory
+
+    num_layers = resolve_num_layers(model, spec.num_layers)
+    block = dict(model.layers[0].named_modules())
+    shapes = [_in_out(block[key]) for key in resolve_targets(model, spec.targets)]
+    widest = max(max(shape) for shape in shapes)
+    if spec.rank > widest:
+        raise ConfigError(
+            f"--rank {spec.rank} is larger than the widest adapted layer ({widest}); "
+            f"choose a rank up to {widest} (8-64 is usual)"
+        )
+    params = num_layers * spec.rank * sum(i + o for i, o in shapes)
+    need = params * 4 * 4  # float32 weights, gradients and two Adam moments
+    ram = physical_memory()
+    if ram is not None and need > ram // 2:
+        raise ConfigError(
+            f"--rank {spec.rank} makes {params:,} adapter parameters, about {need / 1e9:.1f} GB "
+            f"to train, more than half this machine's {ram / 1e9:.1f} GB; lower --rank"
+        )
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(input, output) width of a linear layer, quantized or not."""
+    out_dim, packed = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):
+        return packed * 32 // module.bits, out_dim
+    return packed, out_dim
 
 
 def resolve_num_layers(model: nn.Module, requested: int) -> int:
@@ -146,18 +187,49 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
                 f"{folder} is not an adapter folder: {name} is missing "
                 "(train one with `mlx-openelm lora`)"
             )
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); re-train") from e
+    config = read_json(folder / CONFIG_FILE, AdapterError, "re-train the adapter")
     kind = config.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES or "num_layers" not in config:
         raise AdapterError(
             f"{folder / CONFIG_FILE} lacks a valid fine_tune_type/num_layers; "
             "it was not written by mlx-openelm or mlx-lm"
         )
-    if kind != "full" and not {"rank", "scale"} <= set(config.get("lora_parameters") or {}):
+    params = config.get("lora_parameters") or {}
+    if kind != "full" and not (isinstance(params, dict) and {"rank", "scale"} <= set(params)):
         raise AdapterError(
             f"{folder / CONFIG_FILE}: lora_parameters needs 'rank' and 'scale' (mlx-lm's layout)"
         )
+    check_adapter_numbers(
+        folder / CONFIG_FILE,
+        num_layers=config["num_layers"],
+        rank=params.get("rank", 1),
+        scale=params.get("scale", 1.0),
+        dropout=params.get("dropout", 0.0),
+    )
     return config
+
+
+def check_adapter_numbers(
+    where: Path, *, num_layers: Any = -1, rank: Any = 1, scale: Any = 1.0, dropout: Any = 0.0
+) -> None:
+    """The numbers of a stored adapter config, type- and range-checked before use.
+
+    Raises:
+        AdapterError: naming the file and the field.
+    """
+    checks = (
+        (
+            "num_layers",
+            num_layers,
+            type(num_layers) is int and (num_layers == -1 or num_layers > 0),
+        ),
+        ("rank", rank, type(rank) is int and 1 <= rank <= MAX_RANK),
+        ("scale", scale, is_finite_number(scale)),
+        ("dropout", dropout, is_finite_number(dropout) and 0 <= dropout < 1),
+    )
+    for name, value, ok in checks:
+        if not ok:
+            raise AdapterError(
+                f"{where}: '{name}' has the impossible value {short(repr(value), 60)}; the file "
+                "is damaged or was not written by mlx-openelm, mlx-lm or PEFT"
+            )

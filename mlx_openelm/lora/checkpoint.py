@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, OutputExistsError
 from ..folder import atomic_output
+from ..jsonio import read_json
+from ..outputs import check_replaceable
 from .adapters import ADAPTER_FILE, adapter_tensors
 
 CHECKPOINT_DIR = "checkpoint"
@@ -53,7 +55,11 @@ def load_checkpoint(adapter_dir: Path) -> tuple[dict[str, mx.array], dict, dict[
             f"--resume: {folder} holds no complete checkpoint; checkpoints are written every "
             "--save-every steps (start without --resume)"
         )
-    state = json.loads(files[2].read_text())
+    state = read_json(files[2], ConfigError, "start without --resume")
+    if type(state.get("step")) is not int or not isinstance(state.get("identity"), dict):
+        raise ConfigError(
+            f"{files[2]} lacks an integer 'step' and an 'identity'; start without --resume"
+        )
     opt_state = tree_unflatten(list(mx.load(str(files[1])).items()))
     return mx.load(str(files[0])), opt_state, state
 
@@ -107,7 +113,10 @@ def check_adapter_folder(path: Path, resume: bool, force: bool) -> None:
                 f"--resume: {path / CHECKPOINT_DIR} holds no checkpoint; checkpoints are written "
                 "every --save-every steps (start without --resume)"
             )
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if force:
+            check_replaceable(path)
+            return
         raise OutputExistsError(
             f"adapter folder {path} already exists; pass --resume to continue it, "
             "--force to replace it, or choose another --adapter-path"

@@ -5,6 +5,7 @@ Pure Python (no MLX import), so the CLI can take its option defaults from here c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..choices import FineTuneType, values
 from ..errors import ConfigError
 
 DEFAULT_ITERS = 1000
+MAX_RANK = 2**16  # the model bounds it further (see adapters.check_adapter_size)
 DEFAULT_TARGETS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
 FINE_TUNE_TYPES = values(FineTuneType)
 
@@ -43,9 +45,11 @@ class AdapterSpec:
             raise ConfigError(
                 f"--fine-tune-type {self.fine_tune_type!r} is unknown; choose lora, dora or full"
             )
-        if self.rank < 1:
-            raise ConfigError(f"--rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _int_in(self.rank, 1, MAX_RANK):
+            raise ConfigError(_option("rank", f"an integer from 1 to {MAX_RANK}", self.rank))
+        if not is_finite_number(self.alpha) or self.alpha == 0:
+            raise ConfigError(_option("alpha", "a finite non-zero number", self.alpha))
+        if not is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.num_layers == 0 or self.num_layers < -1:
             raise ConfigError(f"--num-layers must be -1 (all) or positive, got {self.num_layers}")
@@ -77,6 +81,47 @@ class TrainConfig:
     save_every: int = 100
     keep_best: bool = False
     early_stop: int | None = None
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first option that is zero, negative, NaN or absurd."""
+        counts = {"batch_size": 2**16, "grad_accum": 2**16, "max_seq_len": 2**20,
+                  "val_every": 10**9, "save_every": 10**9}  # fmt: skip
+        optional = {"iters": 10**9, "epochs": 10**6, "early_stop": 10**6, "pack_length": 2**20}
+        for name, high in {**counts, **optional}.items():
+            value = getattr(self, name)
+            if (value is not None or name in counts) and not _int_in(value, 1, high):
+                raise ConfigError(_option(name, f"an integer from 1 to {high}", value))
+        if not _int_in(self.warmup, 0, 10**9):
+            raise ConfigError(_option("warmup", "an integer from 0 up", self.warmup))
+        if not _int_in(self.seed, 0, 2**63 - 1):
+            raise ConfigError(_option("seed", "an integer from 0 to 2**63-1", self.seed))
+        if self.val_batches != -1 and not _int_in(self.val_batches, 1, 10**9):
+            raise ConfigError(_option("val_batches", "-1 (all) or at least 1", self.val_batches))
+        if not is_finite_number(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(
+                _option("learning_rate", "a finite positive number", self.learning_rate)
+            )
+        if not is_finite_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(_option("weight_decay", "a number ≥ 0", self.weight_decay))
+        if self.grad_clip is not None and not (
+            is_finite_number(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise ConfigError(_option("grad_clip", "a positive number", self.grad_clip))
+        if self.iters is not None and self.epochs is not None:
+            raise ConfigError("give --iters or --epochs, not both")
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number: not a bool, a string, NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _option(name: str, want: str, value: Any) -> str:
+    return f"--{name.replace('_', '-')} must be {want}, got {value!r}"
 
 
 # Settings that do not change the loss curve, so a resumed run may change them.

@@ -15,13 +15,13 @@ so they are exactly where the full rendering's tokens put them.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import jsonio
 from ..errors import DataError, TokenizerError
 from ..tokenizer import common_prefix_length
 
@@ -91,22 +91,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], str]
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass --data DIR or --train FILE")
     raw = path.read_bytes()
-    records = []
-    for number, raw_line in enumerate(raw.splitlines(), 1):
-        if not raw_line.strip():
-            continue
-        try:
-            obj = json.loads(raw_line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno}); "
-                "each line must be one JSON object"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-        records.append((number, obj))
+    records = jsonio.read_jsonl(path, DataError, "each line must be one JSON object", raw=raw)
     if not records:
         raise DataError(f"{path} is empty: it holds no JSON lines to train on")
     return records, hashlib.sha256(raw).hexdigest()

@@ -11,7 +11,6 @@ On a quantized base the merged weights are quantized again (same bits and group 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import ConfigError
 from ..folder import write_model_folder
+from ..jsonio import read_json
 from ..loading import load_adapters, load_model, resolve_model_path
 from .adapters import read_adapter_config
 
@@ -138,7 +139,9 @@ def fuse(
         out_config,
         iter(tree_flatten(net.parameters())),
         tokenizer=tokenizer,
-        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+        generation_config=(
+            read_json(generation, ConfigError, "fix or remove it") if generation.is_file() else None
+        ),
         force=force,
     )
     return FuseResult(

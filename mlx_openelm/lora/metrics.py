@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
 from ..folder import atomic_write_text
+from ..jsonio import read_jsonl
 
 # exp(710) overflows a float: a diverged run's perplexity is reported as exp(700) instead.
 _MAX_LOG_PERPLEXITY = 700.0
@@ -20,13 +22,8 @@ def perplexity(loss: float) -> float:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every complete record of a metrics file (a torn last line from a crash is skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    records = read_jsonl(path, DataError, "delete the metrics file", skip_bad=True)
+    return [record for _, record in records]
 
 
 class MetricsLog:

@@ -25,12 +25,14 @@ from mlx.utils import tree_flatten
 
 from ..errors import AdapterError
 from ..folder import atomic_output
+from ..jsonio import read_json
 from .adapters import (
     ADAPTER_FILE,
     CONFIG_FILE,
     AdapterSpec,
     apply_adapters,
     block_linear_names,
+    check_adapter_numbers,
     read_adapter_config,
 )
 
@@ -113,10 +115,7 @@ def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
             f"{folder}: {PEFT_WEIGHTS} is missing"
             + (pickle if (folder / "adapter_model.bin").is_file() else "")
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_file} is not valid JSON ({e})") from e
+    config = read_json(config_file, AdapterError, "re-save the adapter with PEFT")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise AdapterError(
             f"{config_file}: only PEFT LoRA adapters (peft_type LORA with r) can be imported"
@@ -161,6 +160,12 @@ def import_peft(
     config, weights = _read_peft(folder)
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise AdapterError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    check_adapter_numbers(
+        folder / CONFIG_FILE,
+        rank=config["r"],
+        scale=config.get("lora_alpha", config["r"]),
+        dropout=config.get("lora_dropout", 0.0),
+    )
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     tensors, layers, keys = _to_mlx_names(weights, folder)

@@ -67,7 +67,9 @@ def finetune(
     from ..loading import load, load_config, resolve_model_path
 
     spec, config = spec or AdapterSpec(), config or TrainConfig()
-    check_adapter_folder(Path(adapter_path), resume, force)  # fail before the slow part
+    spec.validate()  # fail before the slow part
+    config.validate()
+    check_adapter_folder(Path(adapter_path), resume, force)
     if plot:
         require_matplotlib()
     folder = resolve_model_path(model)

@@ -35,6 +35,7 @@ from .adapters import (
     ADAPTER_FILE,
     AdapterSpec,
     apply_adapters,
+    check_adapter_size,
     resolve_num_layers,
     resolve_targets,
     save_adapters,
@@ -134,18 +135,11 @@ class Trainer:
         self.spec.validate()
         resolve_targets(self.model, self.spec.targets)
         resolve_num_layers(self.model, self.spec.num_layers)
+        check_adapter_size(self.model, self.spec)
         cfg = self.cfg
-        for name in ("batch_size", "grad_accum", "max_seq_len", "val_every", "save_every"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if cfg.iters is not None and cfg.epochs is not None:
-            raise ConfigError("give --iters or --epochs, not both")
-        if min(cfg.iters or 1, cfg.epochs or 1) < 1:
-            raise ConfigError("--iters / --epochs must be at least 1")
+        cfg.validate()
         if (cfg.keep_best or cfg.early_stop) and self.valid_set is None:
             raise ConfigError("--keep-best and --early-stop need validation data (valid.jsonl)")
-        if cfg.pack and cfg.pack_length < 1:
-            raise ConfigError(f"--pack-length must be at least 1, got {cfg.pack_length}")
         longest = longest_example(self.train_set.examples)
         if cfg.pack and cfg.pack_length < longest:
             raise ConfigError(

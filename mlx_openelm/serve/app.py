@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -78,6 +79,7 @@ class _Api:
         self.tokenizer, self.model_id, self.settings = tokenizer, model_id, settings
         self.engine = Engine(model, tokenizer, max_queue=settings.max_queue)
         self.context = int(model.args.max_context_length)
+        self.vocab_size = int(model.args.vocab_size)
         self.texts = token_texts(tokenizer.get_vocab())
         self.created = int(time.time())
 
@@ -105,8 +107,13 @@ class _Api:
         }
         return JSONResponse({"object": "list", "data": [model]})
 
+    async def _parse(self, request: Request, *, chat: bool) -> CompletionRequest:
+        body = await json_body(request)
+        defaults = self.settings.generation
+        return parse_request(body, chat=chat, defaults=defaults, vocab_size=self.vocab_size)
+
     async def chat(self, request: Request) -> Response:
-        req = parse_request(await json_body(request), chat=True, defaults=self.settings.generation)
+        req = await self._parse(request, chat=True)
         if self.tokenizer.chat_template is None:
             raise APIError(
                 400,
@@ -118,7 +125,7 @@ class _Api:
         return await self._complete(request, req, ids, "messages", ChatFormat)
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(await json_body(request), chat=False, defaults=self.settings.generation)
+        req = await self._parse(request, chat=False)
         if isinstance(req.prompt, str):  # like mlx_openelm.generate: BOS unless already there
             bos = not req.prompt.startswith(self.tokenizer.bos_token)
             ids = await _encode(self.tokenizer.encode, req.prompt, bos, param="prompt")
@@ -333,6 +340,18 @@ def create_app(
     )
 
 
+def _with_model_defaults(settings: ServerSettings, model: str | Path, tok: Any) -> ServerSettings:
+    """The settings with the model's decoding defaults under the operator's flags."""
+    from ..decoding_defaults import with_model_defaults
+    from ..loading import resolve_model_path
+
+    generation = with_model_defaults(
+        settings.generation, resolve_model_path(model), instruct=tok.chat_template is not None,
+        explicit=settings.explicit,
+    )  # fmt: skip
+    return dataclasses.replace(settings, generation=generation)
+
+
 def model_id_for(model: str | Path) -> str:
     """The name ``/v1/models`` reports: a hub repo id as given, a local folder's name."""
     path = Path(model).expanduser()
@@ -360,6 +379,7 @@ def serve(
     settings.check()
     with contextlib.closing(bind(host, port)) as sock:  # before loading: fail fast
         loaded, tok, _ = load_for_generation(model, adapter_path, tokenizer)
+        settings = _with_model_defaults(settings, model, tok)
         model_id = model_id_for(model)
         app = create_app(loaded, tok, model_id, settings)
         if on_ready is not None:

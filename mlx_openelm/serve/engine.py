@@ -158,6 +158,7 @@ class Engine:
             job.ids[reused:],
             options=job.options,
             prompt_cache=cache,
+            context=job.ids[:reused],  # prompt lookup and the context-scope penalty see it all
         )
         try:
             for r in responses:

@@ -6,8 +6,8 @@ auth, binding a socket, and running uvicorn in the foreground or on a background
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 import socket
 import threading
@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ServeError
-from .schema import DEFAULT_HOST, DEFAULT_PORT, APIError
+from ..errors import DataError, ServeError, short
+from ..jsonio import parse_json
+from .schema import DEFAULT_HOST, DEFAULT_PORT, APIError, invalid
 
 try:
     import uvicorn
@@ -24,6 +25,7 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError as e:  # the [serve] extra is optional
     raise ServeError(
         f"`mlx-openelm serve` needs the server extra ({e.name} is not installed): "
@@ -35,6 +37,11 @@ __all__ = ["BackgroundServer", "RequestLog", "bind", "run", "url_of"]
 log = logging.getLogger("mlx_openelm.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# A client must send its request line and headers within HEADER_TIMEOUT_S of connecting (or of
+# its previous response) and its body within BODY_TIMEOUT_S: a slow or silent client cannot hold
+# a connection open (uvicorn itself times out only idle keep-alive connections).
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 OPEN_PATHS = ("/health",)  # answered without the API key
 
 
@@ -50,17 +57,32 @@ class RequestLog:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, read within ``BODY_TIMEOUT_S`` and ``MAX_BODY_BYTES``.
+
+    Raises:
+        APIError: 408 (too slow), 413 (too large), 400 (not a JSON object; a lone surrogate,
+            naming the field as ``param``).
+    """
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
+    except TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s; send it at once"
+        ) from None
+    try:
+        body = parse_json(bytes(raw), "the request body", DataError, "send one JSON object", dict)
+    except DataError as e:
+        path = getattr(e, "json_path", None)
+        if path:  # a lone surrogate names its field, as every other 400 does
+            raise invalid(
+                path, "holds a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text"
+            ) from None
+        raise APIError(400, str(e)) from None
     return body
 
 
@@ -151,11 +173,14 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     Raises:
         ServeError: the address is in use or cannot be bound.
     """
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise ServeError(f"--port must be between 0 and 65535 (0: any free port), got {port!r}")
     try:
         return socket.create_server((host, port))
-    except OSError as e:
+    except (OSError, ValueError, UnicodeError) as e:
         raise ServeError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port, or stop "
+            f"cannot listen on {short(host, 80)}:{port} ({getattr(e, 'strerror', None) or e}); "
+            "pass another --host/--port, or stop "
             "the program that uses it"
         ) from e
 
@@ -166,11 +191,43 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers do not arrive within
+    ``HEADER_TIMEOUT_S`` (of connecting, or of the previous response on a kept-alive one)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # no request under way
+        if waiting and not self.transport.is_closing():
+            log.warning("closed a connection whose request headers took over %gs", HEADER_TIMEOUT_S)
+            self.transport.close()
+
+
 def _uvicorn_server(app: Starlette) -> uvicorn.Server:
     # log_config=None: leave logging as the caller set it up (the CLI logs to stderr).
     config = uvicorn.Config(
-        app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=5
-    )
+        app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+        http=_TimedH11Protocol,
+    )  # fmt: skip
     return uvicorn.Server(config)
 
 

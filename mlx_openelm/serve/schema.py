@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import GenerationError
 from ..generate_options import GenerationOptions
 
 __all__ = ["APIError", "CompletionRequest", "ServerSettings", "invalid", "parse_request"]
@@ -24,6 +25,7 @@ DEFAULT_MAX_QUEUE = 8
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+_INT_MAX = 2**31 - 1  # token counts: beyond this, int32 arithmetic in MLX overflows
 
 
 class APIError(Exception):
@@ -70,6 +72,9 @@ class ServerSettings:
         default_factory=lambda: GenerationOptions(max_tokens=DEFAULT_SERVE_MAX_TOKENS)
     )
     max_queue: int = DEFAULT_MAX_QUEUE
+    # Generation fields the operator set; the model's defaults (Apple's for Instruct models,
+    # generation_config.json) fill in only the others, see mlx_openelm.decoding_defaults.
+    explicit: frozenset[str] = frozenset()
 
     def check(self) -> None:
         """Raises GenerationError or ServeError for a value out of range."""
@@ -100,9 +105,15 @@ class CompletionRequest:
 
 
 def parse_request(
-    body: Mapping[str, Any], *, chat: bool, defaults: GenerationOptions
+    body: Mapping[str, Any],
+    *,
+    chat: bool,
+    defaults: GenerationOptions,
+    vocab_size: int | None = None,
 ) -> CompletionRequest:
     """Check a request body; ``defaults`` fill in the generation fields it omits.
+
+    ``vocab_size`` bounds the ids of ``logit_bias``.
 
     Raises:
         APIError: 400 naming the first bad field.
@@ -110,16 +121,16 @@ def parse_request(
     for name in ("n", "best_of"):
         _integer(body, name, minimum=1, maximum=1)
     if chat:
-        max_tokens = _integer(body, "max_completion_tokens", minimum=1)
+        max_tokens = _integer(body, "max_completion_tokens", minimum=1, maximum=_INT_MAX)
         if max_tokens is None:
-            max_tokens = _integer(body, "max_tokens", minimum=1)
+            max_tokens = _integer(body, "max_tokens", minimum=1, maximum=_INT_MAX)
         top_logprobs = None
         if _boolean(body, "logprobs", False):
             top_logprobs = _integer(body, "top_logprobs", 0, minimum=0, maximum=MAX_TOP_LOGPROBS)
     else:
         if _boolean(body, "echo", False):
             raise invalid("echo", "is not supported; send false or leave it out")
-        max_tokens = _integer(body, "max_tokens", minimum=1)
+        max_tokens = _integer(body, "max_tokens", minimum=1, maximum=_INT_MAX)
         top_logprobs = _integer(body, "logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
@@ -129,7 +140,7 @@ def parse_request(
         messages=_messages(body) if chat else None,
         prompt=None if chat else _prompt(body),
         max_tokens=max_tokens,
-        options=_generation(body, defaults),
+        options=_generation(body, defaults, vocab_size),
         stream=_boolean(body, "stream", False),
         include_usage=bool(options and _boolean(options, "include_usage", False)),
         top_logprobs=top_logprobs,
@@ -145,17 +156,32 @@ _REQUEST_FIELDS = {
     "repetition_penalty": "repetition_penalty",
     "repetition_context_size": "repetition_context_size",
     "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
+    "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
 }
 _INTEGERS = {"top_k", "repetition_context_size", "seed"}
+_INTEGERS |= {"prompt_lookup_num_tokens", "prompt_lookup_max_ngram"}
 
 
-def _generation(body: Mapping[str, Any], defaults: GenerationOptions) -> GenerationOptions:
+def _generation(
+    body: Mapping[str, Any], defaults: GenerationOptions, vocab_size: int | None = None
+) -> GenerationOptions:
     """The request's options: JSON types checked here, ranges by GenerationOptions' own rules."""
     changes: dict[str, Any] = {}
     for name, param in _REQUEST_FIELDS.items():
         value = _integer(body, param) if name in _INTEGERS else _number(body, param)
         if value is not None:
             changes[name] = value
+    if changes.get("prompt_lookup_num_tokens") == 0:  # 0 turns the server's default off
+        changes["prompt_lookup_num_tokens"] = None
+    scope = body.get("repetition_scope")
+    if scope is not None:
+        changes["repetition_scope"] = scope if isinstance(scope, str) else _show(scope)
+    bias = _logit_bias(body)
+    if bias is not None:
+        changes["logit_bias"] = bias
     stop = _stop(body)
     options = defaults.replace(**changes, stop=stop or defaults.stop)
     bad = options.out_of_range()
@@ -163,7 +189,30 @@ def _generation(body: Mapping[str, Any], defaults: GenerationOptions) -> Generat
         name, valid, _ = bad
         param = _REQUEST_FIELDS.get(name, name)
         raise invalid(param, f"must be {valid}, got {getattr(options, name)}")
+    try:
+        options.check_logit_bias(vocab_size)
+    except GenerationError as e:
+        raise invalid("logit_bias", str(e).removeprefix("logit_bias (--logit-bias) ")) from e
     return options
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` (ids as JSON strings) as ``{int: float}``."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise invalid("logit_bias", f"must be an object of token id -> bias, got {_show(bias)}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid("logit_bias", f"keys must be token ids, got {_show(key)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid("logit_bias", f"values must be numbers, got {_show(value)}")
+        out[token] = float(value)
+    return out
 
 
 def _show(value: Any) -> str:

@@ -1,0 +1,188 @@
+"""Prompt-lookup decoding vs mlx-lm's plain generation, side by side, on three kinds of prompt.
+
+Models: the trained ``../shared/models/openelm-tiny-shakespeare`` (converted to an fp32 MLX
+folder by our converter) and the 270M shape with MLX's random init (fp32). Prompts are real text
+from ``../shared/data/shakespeare/valid.jsonl`` (Othello, never trained on), of three kinds:
+
+- ``continue``: a passage, to be continued;
+- ``quote``: the passage, a blank line and its first line again (the model goes on quoting: the
+  case prompt lookup is made for);
+- ``question``: the passage and a question about it.
+
+Runners, all greedy with EOS ignored (every run generates the same number of tokens):
+``mlx-lm`` (``mlx_lm.load`` + ``mlx_lm.stream_generate``, plain), ``ours plain``
+(``mlx_openelm.stream_generate``) and ``ours lookup N`` for N = 3, 5, 10. Each must produce
+mlx-lm's tokens exactly. Runs alternate their order round by round after a warm-up. The table
+gives, per runner, the best tokens/s of the rounds on the wall clock (from the call to the last
+token, prompt included: the same prompt for every runner; on a machine shared with other jobs
+the best round is the one least disturbed, medians swing 3x there), its ratio to mlx-lm's best,
+the CPU-time speedup (mlx-lm's median CPU seconds, ``time.process_time``, over the runner's:
+other processes barely move it),
+tokens per forward pass (``generated / (generated - accepted)``) and the share of proposed
+candidates accepted.
+
+Not measured: a 270M model drafting for a bigger one. No trained OpenELM larger than the tiny
+one is available offline, and random weights would accept nothing of each other's drafts.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
+        nice python benchmarks/bench_decoding.py --write   # replaces ## Decoding in RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from bench_blas import RESULTS, machine_line, replace_section
+from mlx.utils import tree_flatten
+
+import mlx_openelm
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.folder import write_model_folder
+from mlx_openelm.lookup import LookupStats
+from mlx_openelm.model import Model
+from mlx_openelm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
+TRAINED = SHARED / "models" / "openelm-tiny-shakespeare"
+VALID = SHARED / "data" / "shakespeare" / "valid.jsonl"
+KINDS = ("continue", "quote", "question")
+
+
+def passage(chars: int) -> str:
+    """A stretch of Othello that starts at a speaker's line."""
+    text = "".join(json.loads(line)["text"] for line in VALID.read_text().splitlines()[1:6])
+    start = text.index("IAGO.")
+    cut = text.rfind("\n", start, start + chars)
+    return text[start : cut if cut > start else start + chars]
+
+
+def prompts(chars: int) -> dict[str, str]:
+    p = passage(chars)
+    first = p.split("\n")[0] + "\n" + p.split("\n")[1]
+    return {
+        "continue": p + "\n\n",
+        "quote": p + "\n\n" + first,
+        "question": p + "\n\nQuestion: Who is Iago speaking to, and what does he want?\nAnswer:",
+    }
+
+
+def trained_folder(root: Path) -> Path:
+    from mlx_openelm.convert import convert
+
+    out = root / "tiny-shakespeare"
+    convert(TRAINED, out, tokenizer=TOKENIZER, dtype="float32")
+    return out
+
+
+def random_folder(root: Path, preset: str) -> Path:
+    args = ModelArgs.from_preset(preset)
+    mx.random.seed(0)
+    model = Model(args)
+    out = root / preset
+    write_model_folder(out, args.to_dict(), tree_flatten(model.parameters()), Tokenizer(TOKENIZER))
+    return out
+
+
+def no_eos(wrapper):
+    wrapper.eos_token_ids = set()  # fixed-length runs
+    return wrapper
+
+
+def timed(stream, model, tok, ids: list[int], n: int, **kw) -> dict:
+    stats = LookupStats()
+    if "prompt_lookup_num_tokens" in kw:
+        kw["lookup_stats"] = stats
+    tic, cpu = time.perf_counter(), time.process_time()
+    tokens = [r.token for r in stream(model, tok, ids, max_tokens=n, **kw)]
+    seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
+    per_pass = len(tokens) / (len(tokens) - stats.accepted)
+    return {"tps": len(tokens) / seconds, "cpu": cpu, "tokens": tokens, "acc": stats.acceptance,
+            "per_pass": per_pass}  # fmt: skip
+
+
+def bench_model(folder: Path, args: argparse.Namespace) -> dict:
+    import mlx_lm
+
+    ours, our_tok = mlx_openelm.load(folder)
+    theirs, their_tok = mlx_lm.load(str(folder))
+    ours_tok = no_eos(our_tok.to_mlx_lm())
+    runners = {
+        "mlx-lm": lambda ids, n: timed(mlx_lm.stream_generate, theirs, no_eos(their_tok), ids, n),
+        "ours plain": lambda ids, n: timed(mlx_openelm.stream_generate, ours, ours_tok, ids, n),
+    }
+    for k in args.lookup:
+        runners[f"ours lookup {k}"] = lambda ids, n, k=k: timed(
+            mlx_openelm.stream_generate, ours, ours_tok, ids, n, prompt_lookup_num_tokens=k
+        )
+    out: dict[str, dict] = {}
+    for kind, text in prompts(args.chars).items():
+        ids = our_tok.encode(text, add_bos=True)
+        for run in runners.values():
+            run(ids, 4)  # warm-up
+        rows: dict[str, list[dict]] = {name: [] for name in runners}
+        names = list(runners)
+        for i in range(args.rounds):
+            for name in names if i % 2 == 0 else names[::-1]:
+                rows[name].append(runners[name](ids, args.tokens))
+        same = all(r["tokens"] == rows["mlx-lm"][0]["tokens"] for rs in rows.values() for r in rs)
+        out[kind] = {"prompt_tokens": len(ids), "rows": rows, "same": same}
+    return out
+
+
+def table(name: str, result: dict, tokens: int) -> str:
+    lines = [
+        f"**{name}** ({tokens} tokens per run)",
+        "",
+        "| prompt | runner | best tok/s | vs mlx-lm | CPU-time speedup | tokens/pass | "
+        "accepted | same tokens |",
+        "|---|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for kind, r in result.items():
+        base = max(x["tps"] for x in r["rows"]["mlx-lm"])
+        base_cpu = statistics.median(x["cpu"] for x in r["rows"]["mlx-lm"])
+        for runner, rows in r["rows"].items():
+            tps, cpu = max(x["tps"] for x in rows), statistics.median(x["cpu"] for x in rows)
+            acc = f"{rows[0]['acc']:.0%}" if "lookup" in runner else ""
+            lines.append(
+                f"| {kind} ({r['prompt_tokens']} tok) | {runner} | {tps:.1f} | "
+                f"{tps / base:.2f}x | {base_cpu / cpu:.2f}x | {rows[0]['per_pass']:.2f} | {acc} | "
+                f"{'yes' if r['same'] else 'NO'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny-shakespeare,270M")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens-270m", type=int, default=48)
+    parser.add_argument("--chars", type=int, default=900, help="passage length in characters")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lookup", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--write", action="store_true", help="replace ## Decoding in RESULTS.md")
+    args = parser.parse_args()
+    tables = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "tiny-shakespeare":
+                folder, n = trained_folder(Path(tmp)), args.tokens
+            else:
+                folder, n = random_folder(Path(tmp), name), args.tokens_270m
+            result = bench_model(folder, argparse.Namespace(**{**vars(args), "tokens": n}))
+            tables.append(table(name, result, n))
+            print(tables[-1], flush=True)
+    if args.write:
+        body = machine_line() + "\n\n" + "\n\n".join(tables) + "\n"
+        RESULTS.write_text(replace_section(RESULTS.read_text(), "Decoding", body))
+
+
+if __name__ == "__main__":
+    main()
