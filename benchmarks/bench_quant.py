@@ -265,8 +265,8 @@ def render(part: str, rows: list[dict[str, Any]]) -> str:
         head = "| shape | weights | runs as | MB | decode tok/s | perplexity tok/s |\n"
         head += "| --- | --- | --- | ---: | ---: | ---: |\n"
         return head + "".join(
-            f"| {r['shape']} | {r['label']} | {r['runs_as']} | {r['mb']:.1f} | {r['decode']:.1f} "
-            f"| {r['ppl_tps']:.0f} |\n"
+            f"| {r['shape']} | {r['label']} | {r['runs_as']} | {r['mb']:.1f} | {r['decode']:.3g} "
+            f"| {r['ppl_tps']:.3g} |\n"
             for r in rows
         )
     if part == "270m":
