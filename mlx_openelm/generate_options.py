@@ -149,6 +149,8 @@ class GenerationOptions:
         logit_bias: ``{token_id: bias}`` added to the logits (kept as sorted pairs).
         prompt_lookup_num_tokens: prompt-lookup decoding with up to N candidates per step
             (None: off), matching suffix n-grams of at most ``prompt_lookup_max_ngram`` tokens.
+        json_schema: constrain the output to JSON valid under this JSON Schema (its text;
+            ``{"type": "object"}`` for any object), see :mod:`mlx_openelm.structured`.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -171,6 +173,7 @@ class GenerationOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_lookup_num_tokens: int | None = None
     prompt_lookup_max_ngram: int = DEFAULT_LOOKUP_NGRAM
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         # A list (from Typer or JSON) becomes a tuple, so options stay hashable and unshared.
@@ -287,16 +290,22 @@ class GenerationOptions:
 
         return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
-    def logits_processors(self, start: int = 0) -> list[Callable[[Any, Any], Any]]:
+    def logits_processors(
+        self, start: int = 0, tokenizer: Any = None
+    ) -> list[Callable[[Any, Any], Any]]:
         """The logits processors for these options (empty when none is on), see
         :func:`mlx_openelm.penalties.make_processors`.
 
         Args:
             start: where the completion starts in the token history the processors see (the
                 presence and frequency penalties count the tokens from there on).
+            tokenizer: the model's tokenizer; needed when ``json_schema`` is set (the grammar
+                works on its vocabulary).
         """
         from .penalties import make_processors
 
+        if self.json_schema is not None:  # interface for issue 16; the engine lands with it
+            raise GenerationError("structured output (json_schema) is not built yet")
         return make_processors(
             start=start,
             repetition_penalty=self.repetition_penalty,
