@@ -198,8 +198,33 @@ def load_adapters(model: Model, adapter_path: str | Path) -> Model:
             f"adapters in {adapter_path} do not fit this model: {detail}; "
             "use the base model they were trained on"
         ) from e
+    _check_adapters_finite(adapter_path)
     model.eval()
     return model
+
+
+def _check_adapters_finite(adapter_path: Path) -> None:
+    """Refuse adapters holding NaN/inf: every output through them would be NaN (a diverged
+    run; the trainer stops at a non-finite loss, but a file from elsewhere may hold one).
+
+    Raises:
+        AdapterError: naming the tensors (at most 8) and how to recover.
+    """
+    from .lora.adapters import ADAPTER_FILE
+
+    weights = mx.load(str(adapter_path / ADAPTER_FILE))
+    bad = [
+        name
+        for name, array in sorted(weights.items())
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.isfinite(array).all().item()
+    ]
+    if bad:
+        listed = ", ".join(bad[:8]) + (f" (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise AdapterError(
+            f"{adapter_path / ADAPTER_FILE}: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"({listed}); the training run diverged: retrain with a lower --learning-rate "
+            "(--keep-best keeps the best adapters seen on validation data)"
+        )
 
 
 def load(

@@ -205,3 +205,27 @@ def test_unreadable_adapter_folders_are_adapter_errors(tiny_model_dir, lora_dir,
     (broken / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="adapter_config.json: malformed JSON"):
         load(tiny_model_dir, adapter_path=broken)
+
+
+def test_adapters_holding_nan_are_refused_before_anything_is_written(
+    tiny_model_dir, lora_dir, tmp_path
+):
+    import shutil
+
+    broken = tmp_path / "nan"
+    shutil.copytree(lora_dir, broken)
+    weights = mx.load(str(broken / "adapters.safetensors"))
+    name = sorted(weights)[1]
+    poisoned = np.array(weights[name])
+    poisoned.flat[0] = np.nan
+    weights[name] = mx.array(poisoned)
+    mx.save_safetensors(str(broken / "adapters.safetensors"), weights)
+    with pytest.raises(AdapterError) as e:
+        load(tiny_model_dir, adapter_path=broken)
+    assert f"1 tensor(s) hold NaN or infinite values ({name})" in str(e.value)
+    assert "\n" not in str(e.value)
+    out = tmp_path / "fused"
+    with pytest.raises(AdapterError, match="NaN"):
+        fuse(tiny_model_dir, broken, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == [broken]
+    load(tiny_model_dir, adapter_path=lora_dir)  # the untouched adapters still load
