@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import GenerationError, short
 from .generate_options import GenerationOptions
 
 __all__ = ["INSTRUCT_DEFAULTS", "from_generation_config", "with_model_defaults"]
@@ -37,6 +38,9 @@ def from_generation_config(folder: str | Path) -> dict[str, Any]:
     """The sampling fields of ``folder/generation_config.json`` as option values ({} if none).
 
     A file that is missing or unreadable gives no defaults: it is optional metadata.
+
+    Raises:
+        GenerationError: a sampling field that is not a number (``"temperature": "hot"``).
     """
     path = Path(folder) / "generation_config.json"
     try:
@@ -45,16 +49,26 @@ def from_generation_config(folder: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(cfg, dict):
         return {}
+
+    def number(key: str, default: float | None = None) -> Any:
+        value = cfg.get(key, default)
+        if value is not None and not _is_number(value):
+            raise GenerationError(
+                f"{path}: {key} must be a number, got {short(repr(value), 60)}; fix or remove it"
+            )
+        return value
+
     out: dict[str, Any] = {}
     if cfg.get("do_sample") is True:
-        out["temp"] = float(cfg.get("temperature", 1.0))
-        out["top_k"] = int(cfg.get("top_k", HF_TOP_K) or 0)
-        out["top_p"] = float(cfg.get("top_p", 1.0))
-        if cfg.get("min_p") is not None:
+        out["temp"] = float(number("temperature", 1.0))
+        top_k = number("top_k", HF_TOP_K) or 0
+        out["top_k"] = int(top_k) if float(top_k).is_integer() else top_k  # 2.5: refused later
+        out["top_p"] = float(number("top_p", 1.0))
+        if number("min_p") is not None:
             out["min_p"] = float(cfg["min_p"])
     elif cfg.get("do_sample") is False:
         out["temp"] = 0.0
-    if cfg.get("repetition_penalty") not in (None, 1.0):
+    if number("repetition_penalty") not in (None, 1.0):
         out["repetition_penalty"] = float(cfg["repetition_penalty"])
         out["repetition_scope"] = "context"
     names = {
@@ -66,6 +80,10 @@ def from_generation_config(folder: str | Path) -> dict[str, Any]:
         if isinstance(cfg.get(hf), int) and not isinstance(cfg.get(hf), bool):
             out[ours] = cfg[hf]
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def with_model_defaults(

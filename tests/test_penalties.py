@@ -4,6 +4,7 @@ decoding defaults a model brings (generation_config.json, Apple's for Instruct).
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -141,3 +142,25 @@ def test_model_defaults_yield_to_the_user(tmp_path):
     write_config(tmp_path, do_sample=True, temperature=0.5, top_k=0)
     sampled = with_model_defaults(base, tmp_path, instruct=True, explicit={"top_k"})
     assert (sampled.temp, sampled.top_k, sampled.repetition_penalty) == (0.5, 0, 1.2)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"do_sample": True, "temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ({"do_sample": True, "top_k": [1]}, "top_k must be a number, got [1]"),
+        ({"repetition_penalty": "x"}, "repetition_penalty must be a number, got 'x'"),
+        ({"do_sample": True, "top_p": True}, "top_p must be a number, got True"),
+    ],
+)
+def test_generation_config_with_a_wrong_type_is_one_clear_error(tmp_path, fields, message):
+    folder = write_config(tmp_path, **fields)
+    with pytest.raises(GenerationError, match=re.escape(message)) as e:
+        from_generation_config(folder)
+    assert "generation_config.json" in str(e.value) and "fix or remove it" in str(e.value)
+
+
+def test_generation_config_out_of_range_is_refused_by_the_option_rules(tmp_path):
+    folder = write_config(tmp_path, do_sample=True, top_k=2.5)
+    with pytest.raises(GenerationError, match="top_k"):
+        with_model_defaults(GenerationOptions(), folder, instruct=False)
