@@ -35,6 +35,7 @@ from .errors import MissingDependencyError, SchemaError, short
 
 __all__ = [
     "INSTALL_HINT",
+    "JSON_LAYOUT",
     "JSON_OBJECT_SCHEMA",
     "MAX_SCHEMA_BYTES",
     "JsonLogitsProcessor",
@@ -50,7 +51,7 @@ MAX_SCHEMA_BYTES = 64 * 1024
 JSON_OBJECT_SCHEMA = '{"type":"object"}'  # response_format json_object, generate --json
 
 # llguidance's JSON compile options, as defaults a schema's "x-guidance" key may override.
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _llguidance() -> Any:
@@ -109,7 +110,7 @@ def compile_schema(schema: str) -> str:
     llg = _llguidance()
     schema = schema_text(schema)
     try:
-        grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
+        grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as e:
         raise SchemaError(f"the JSON schema cannot be compiled: {short(e)}") from None
     problem = llg.LLMatcher.validate_grammar(grammar)
