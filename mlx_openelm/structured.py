@@ -253,11 +253,6 @@ class JsonLogitsProcessor:
         allowed[self._eos] = True
         return allowed
 
-    @property
-    def done(self) -> bool:
-        """The reply so far is a complete value of the schema."""
-        return bool(self._matcher.is_accepting())
-
 
 def json_processor(schema: str, tokenizer: Any) -> JsonLogitsProcessor:
     """A fresh :class:`JsonLogitsProcessor` for ``schema`` (JSON text) over ``tokenizer``.
