@@ -297,9 +297,15 @@ def test_cli_generate_json_schema_and_json(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     _check(result.stdout, SCHEMAS["person"])
     assert result.stdout.endswith("}\n") and "finish: stop" in result.stderr
-    result = runner.invoke(app, [*base, "--json", "--temp", "3", "--max-tokens", "60"])
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    close = structured.ll_tokenizer(tok).tokenize_str("}")[0]
+    word = structured.ll_tokenizer(tok).tokenize_str("hello")[0]
+    bias = ["--logit-bias", f"{close}=30", "--logit-bias", f"{word}=100"]
+    result = runner.invoke(app, [*base, "--json", *bias])  # an object, closed at once
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("{")  # an object (a random model may run to the limit)
+    assert result.stdout == "{}\n" and "finish: stop" in result.stderr
+    result = runner.invoke(app, [*base, *bias, "--max-tokens", "3"])  # no grammar: the word
+    assert result.stdout == tok.decode([word]) * 3 + "\n"
 
 
 def test_cli_chat_replies_in_json(model_dir, tmp_path):
