@@ -90,6 +90,22 @@ def test_chat_stream_and_completions(client):
         _valid(text, "person")
 
 
+def test_prompt_lookup_and_a_continued_conversation(client):
+    """Prompt lookup (on by default for Instruct models under `serve`) over a conversation the
+    prompt cache already holds: the second turn's reply validates too."""
+    extra = {"prompt_lookup_num_tokens": 5, "repetition_penalty": 1.2}
+    messages = list(HI)
+    for _ in range(2):
+        r = client.chat.completions.create(
+            model="x", messages=messages, temperature=1.0, seed=7, max_tokens=150,
+            response_format=_format("nested"), extra_body=extra,
+        )  # fmt: skip
+        text = r.choices[0].message.content
+        _valid(text, "nested")
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "More"}]
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_json_object_is_an_object_even_where_the_model_wants_otherwise(client, loaded):
     """json_object: a +100 bias on a word would make every token that word; the grammar keeps
     the reply an object, and a bias on '}' closes it at once."""
