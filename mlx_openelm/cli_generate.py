@@ -7,6 +7,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -71,6 +72,17 @@ KVBitsOpt = Annotated[
     int | None, typer.Option("--kv-bits", help="Quantize the KV cache to 2, 3, 4, 5, 6 or 8 bits.")
 ]
 RawOpt = Annotated[bool, typer.Option("--raw", help="No chat template, even for instruct models.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Reply with one JSON object (constrained decoding).")
+]
+JsonSchemaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-schema",
+        metavar="FILE",
+        help="Reply with JSON valid under this JSON Schema file (the json extra: llguidance).",
+    ),
+]
 
 
 # The generation flags, once: (GenerationOptions field, option type, default). A new option is
@@ -94,6 +106,8 @@ GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
     ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),
     ("max_kv_size", MaxKVOpt, None),
     ("kv_bits", KVBitsOpt, None),
+    ("json_object", JsonOpt, False),  # not a field: --json is json_schema {"type": "object"}
+    ("json_schema", JsonSchemaOpt, None),
 ]
 
 
@@ -131,8 +145,10 @@ def options_from_flags(values: dict[str, Any], draft: bool = False) -> Generatio
     Raises:
         GenerationError: a value out of range, or prompt lookup with a draft model (``draft``).
     """
+    schema = _json_schema(values.get("json_schema"), bool(values.get("json_object")))
     fields = {f.name for f in dataclasses.fields(GenerationOptions)}
     values = {k: v for k, v in values.items() if k in fields}  # not e.g. serve's --port
+    values["json_schema"] = schema
     if values.get("repetition_scope") is None:
         values.pop("repetition_scope", None)
     values["logit_bias"] = _logit_bias(values.get("logit_bias") or [])
@@ -148,6 +164,36 @@ def explicit_flags(ctx: typer.Context, names: Iterable[str]) -> frozenset[str]:
     """The parameters among ``names`` that the user gave (command line or environment)."""
     given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: Typer ships its own copy of click
     return frozenset(n for n in names if getattr(ctx.get_parameter_source(n), "name", "") in given)
+
+
+def _json_schema(path: Path | None, json_object: bool) -> str | None:
+    """The schema text ``--json-schema FILE`` or ``--json`` asks for, compiled already so that
+    a bad schema fails before the model loads.
+
+    Raises:
+        SchemaError: both flags, an unreadable file or a schema that cannot be compiled.
+        MissingDependencyError: llguidance is not installed.
+    """
+    from mlx_openelm.errors import SchemaError
+    from mlx_openelm.structured import JSON_OBJECT_SCHEMA, compile_schema
+
+    if path is not None and json_object:
+        raise SchemaError("--json and --json-schema both set; --json-schema FILE alone is enough")
+    if path is None:
+        text = JSON_OBJECT_SCHEMA if json_object else None
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+            raise SchemaError(f"cannot read the JSON schema file {path}: {why}") from None
+    if text is None:
+        return None
+    try:
+        compile_schema(text)
+    except SchemaError as e:
+        raise SchemaError(f"{path}: {e}" if path is not None else str(e)) from None
+    return text
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:

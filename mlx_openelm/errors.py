@@ -49,6 +49,10 @@ class GenerationError(OpenELMError):
     not match, an empty prompt or one longer than the context)."""
 
 
+class SchemaError(GenerationError):
+    """A JSON schema for structured output is not JSON, too large, or cannot be compiled."""
+
+
 class TrainingError(OpenELMError):
     """Fine-tuning cannot continue (e.g. the loss became NaN or infinite)."""
 

@@ -219,7 +219,9 @@ def stream_generate(
             them and the context-scope repetition penalty counts them.
         lookup_stats: counts proposed and accepted prompt-lookup candidates, when given.
         **option_keywords: :class:`GenerationOptions` fields (``temp=0.7``, ``stop=[...]``)
-            applied over ``options``: the keyword form of the same call.
+            applied over ``options``: the keyword form of the same call. ``json_schema=``
+            (JSON text or a dict) constrains the reply to JSON valid under that schema (the
+            ``[json]`` extra); it ends with EOS once the value is complete.
 
     Yields:
         ``mlx_lm.generate.GenerationResponse`` per generated token: ``text`` (the new piece, may
@@ -228,7 +230,9 @@ def stream_generate(
         ``finish_reason``: ``"stop"`` (EOS or a stop string) or ``"length"``.
 
     Raises:
-        GenerationError: an option out of range, an empty prompt or a mismatched draft model.
+        GenerationError: an option out of range, an empty prompt or a mismatched draft model
+            (``SchemaError`` for a JSON schema that cannot be compiled).
+        MissingDependencyError: ``json_schema`` without llguidance installed.
     """
     from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 
@@ -240,7 +244,9 @@ def stream_generate(
     if draft_model is not None:
         check_kv_bits(draft_model, opts.kv_bits, opts.kv_group_size)
     ids = _prompt_ids(tokenizer, prompt)
-    processors = opts.logits_processors(start=len(context) + ids.size)
+    # mlx-lm's speculative loop shows processors only the last prompt token before the reply
+    shown = 1 if draft_model is not None and opts.prompt_lookup_num_tokens is None else ids.size
+    processors = opts.logits_processors(start=len(context) + shown, tokenizer=tokenizer)
     if opts.prompt_lookup_num_tokens is not None:
         if draft_model is not None:
             opts.check_with_draft()  # says to pick one

@@ -73,6 +73,7 @@ FLAGS = {
     "logit_bias": "--logit-bias",
     "prompt_lookup_num_tokens": "--prompt-lookup",
     "prompt_lookup_max_ngram": "--prompt-lookup-ngram",
+    "json_schema": "--json-schema",
 }
 
 
@@ -149,8 +150,10 @@ class GenerationOptions:
         logit_bias: ``{token_id: bias}`` added to the logits (kept as sorted pairs).
         prompt_lookup_num_tokens: prompt-lookup decoding with up to N candidates per step
             (None: off), matching suffix n-grams of at most ``prompt_lookup_max_ngram`` tokens.
-        json_schema: constrain the output to JSON valid under this JSON Schema (its text;
-            ``{"type": "object"}`` for any object), see :mod:`mlx_openelm.structured`.
+        json_schema: constrain the output to JSON valid under this JSON Schema: its JSON text
+            (``{"type": "object"}`` for any object) or a dict, kept as compact text in its own
+            key order (the order properties are written in); at most 64 KiB. See
+            :mod:`mlx_openelm.structured`.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -176,6 +179,10 @@ class GenerationOptions:
     json_schema: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json_schema, Mapping):  # the API's dict form: kept as its text
+            from .structured import schema_text
+
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
         # A list (from Typer or JSON) becomes a tuple, so options stay hashable and unshared.
         stop = () if self.stop is None else self.stop
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
@@ -234,6 +241,10 @@ class GenerationOptions:
                     f"stop strings (--stop) must be non-empty UTF-8 text, got {short(repr(s))}"
                 )
         self.check_logit_bias()
+        if self.json_schema is not None:
+            from .structured import schema_text
+
+            schema_text(self.json_schema)  # JSON text of an object, within the size limit
         if self.prompt_lookup_num_tokens is not None and self.max_kv_size is not None:
             raise GenerationError(
                 "prompt lookup (--prompt-lookup) cannot be combined with max_kv_size "
@@ -301,12 +312,18 @@ class GenerationOptions:
                 presence and frequency penalties count the tokens from there on).
             tokenizer: the model's tokenizer; needed when ``json_schema`` is set (the grammar
                 works on its vocabulary).
+
+        With ``json_schema`` the last processor is a fresh, stateful
+        :class:`~mlx_openelm.structured.JsonLogitsProcessor` (last, so that no penalty or bias
+        lifts a token it masked): call this once per generation.
+
+        Raises:
+            SchemaError: the schema cannot be compiled. MissingDependencyError: llguidance is
+                not installed (the ``[json]`` extra). GenerationError: a schema but no tokenizer.
         """
         from .penalties import make_processors
 
-        if self.json_schema is not None:  # interface for issue 16; the engine lands with it
-            raise GenerationError("structured output (json_schema) is not built yet")
-        return make_processors(
+        processors = make_processors(
             start=start,
             repetition_penalty=self.repetition_penalty,
             repetition_scope=self.repetition_scope,
@@ -315,6 +332,16 @@ class GenerationOptions:
             frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias),
         )
+        if self.json_schema is not None:
+            from .structured import json_processor
+
+            if tokenizer is None:
+                raise GenerationError(
+                    "json_schema needs the model's tokenizer: pass tokenizer= to "
+                    "logits_processors (the grammar works on its vocabulary)"
+                )
+            processors.append(json_processor(self.json_schema, tokenizer))
+        return processors
 
 
 def _is_utf8(text: str) -> bool:

@@ -114,6 +114,20 @@ def test_draft_model_keeps_greedy_output(dirs, inst):
     assert re.search(r"draft accepted: \d+/24 \(\d+%\)", result.stderr)
 
 
+def test_draft_model_keeps_greedy_output_with_openai_penalties(dirs, inst):
+    """mlx-lm's speculative loop shows processors only the last prompt token before the
+    reply, so the penalties' count of reply tokens must start there (it started after the
+    whole prompt, and with a long prompt the penalties never applied)."""
+    model, tok = inst
+    draft, _ = mlx_openelm.load(dirs["draft"])
+    ids = build_prompt(tok, PROMPT * 4)
+    penalties = {"presence_penalty": 2.0, "frequency_penalty": 2.0}
+    unpenalized = [r.token for r in stream_generate(model, tok, ids, 24)]
+    plain = [r.token for r in stream_generate(model, tok, ids, 24, **penalties)]
+    spec = stream_generate(model, tok, ids, 24, draft_model=draft, **penalties)
+    assert [r.token for r in spec] == plain != unpenalized
+
+
 def test_stop_matcher_never_releases_part_of_a_stop_string():
     text, stops = "say 'abc' then abab, then ab!", ["abc", "ab!"]
     for pieces in (list(text), [text[:6], text[6:12], text[12:]]):

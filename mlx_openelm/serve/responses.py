@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 import uuid
@@ -22,6 +23,12 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        # A token a grammar masked (structured output) has logprob -inf: it is no alternative,
+        # and JSON has no -Infinity.
+        top = tuple((t, lp) for t, lp in self.top if math.isfinite(lp))
+        object.__setattr__(self, "top", top)
 
 
 def token_texts(vocab: Mapping[str, int]) -> list[tuple[str, list[int]]]:

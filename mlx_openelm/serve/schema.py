@@ -183,6 +183,9 @@ def _generation(
     if bias is not None:
         changes["logit_bias"] = bias
     stop = _stop(body)
+    schema = _response_format(body)
+    if schema is not None:
+        changes["json_schema"] = schema
     options = defaults.replace(**changes, stop=stop or defaults.stop)
     bad = options.out_of_range()
     if bad is not None:
@@ -194,6 +197,52 @@ def _generation(
     except GenerationError as e:
         raise invalid("logit_bias", str(e).removeprefix("logit_bias (--logit-bias) ")) from e
     return options
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_format(body: Mapping[str, Any]) -> str | None:
+    """OpenAI's ``response_format`` as the schema text to constrain decoding with (None: text).
+
+    ``{"type": "json_object"}`` is any JSON object; ``{"type": "json_schema", "json_schema":
+    {"name": ..., "schema": {...}, "strict": ...}}`` that schema (``strict`` or not: the grammar
+    always holds). The schema is compiled here, so a bad one is a 400 before any generation.
+    """
+    from ..errors import MissingDependencyError
+    from ..structured import JSON_OBJECT_SCHEMA, compile_schema, schema_text
+
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind not in RESPONSE_FORMATS:
+        shown = _show(kind if isinstance(fmt, Mapping) else fmt)
+        raise invalid(
+            "response_format",
+            f"must be an object with `type` 'text', 'json_object' or 'json_schema', got {shown}",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = JSON_OBJECT_SCHEMA
+    else:
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise invalid(
+                "response_format",
+                "of type 'json_schema' needs `json_schema: {name, schema: {...}}` with the "
+                f"schema as an object, got {_show(spec)}",
+            )
+    try:
+        text = schema_text(schema)
+        compile_schema(text)
+    except MissingDependencyError as e:
+        raise APIError(400, str(e), param="response_format", code="missing_dependency") from e
+    except GenerationError as e:  # SchemaError
+        raise invalid("response_format", f"has a schema this server cannot use: {e}") from e
+    return text
 
 
 def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
