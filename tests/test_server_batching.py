@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai", reason="the server tests need the dev extra (openai)")
@@ -165,6 +166,10 @@ def test_max_batch_bounds_the_batch_and_a_full_queue_is_429(loaded):
             with pytest.raises(openai.RateLimitError) as e:
                 client.completions.create(model="x", prompt="b", max_tokens=2)
             assert e.value.code == "queue_full"
+            start = _health(base_url)["requests"]["generated_tokens"]
+            while _health(base_url)["requests"]["generated_tokens"] < start + 40:
+                time.sleep(0.01)  # the two streams decode on ...
+            assert not waiter.done()  # ... while the third still waits for room
             assert _health(base_url)["requests"]["peak_batch"] == 2
             for s in streams:
                 s.close()
@@ -231,12 +236,16 @@ def test_a_taken_prefix_stays_unchanged_for_the_next_request(loaded):
     model, tok = loaded
     ids = build_prompt(tok, "shared system prompt")
     cache = PrefixCache(model)
-    cache.put(prefill(model, ids), ids)
+    kept = prefill(model, ids)
+    keys = [np.array(c.keys[..., : len(ids), :]) for c in kept]
+    cache.put(kept, ids)
     first, n = cache.take([*ids[:-2], 9, 9])  # cut back and extended by one request
     model(mx.array([[9, 9, 9]]), cache=first)
     second, m = cache.take([*ids, 3])
     assert (n, m) == (len(ids) - 2, len(ids))
     assert second[0].offset == len(ids) and cache.entries == [ids]
+    for c, k in zip(second, keys):
+        np.testing.assert_array_equal(np.array(c.keys[..., : len(ids), :]), k)
 
 
 # --- --prompt-cache-file ---------------------------------------------------------------------
