@@ -167,14 +167,15 @@ class Engine:
         waits, holding the queue, until the batch has drained, then runs)."""
         while True:
             with self._wake:
+                alive = [job for job in self._waiting if not job.cancelled.is_set()]
+                if len(alive) < len(self._waiting):  # hung up while waiting: never started
+                    gone = len(self._waiting) - len(alive)
+                    self.stats.cancelled += gone
+                    self._pending -= gone
+                    self._waiting = collections.deque(alive)
                 if not self._waiting or len(self._running) >= self.max_batch:
                     return
                 job = self._waiting[0]
-                if job.cancelled.is_set():
-                    self._waiting.popleft()
-                    self.stats.cancelled += 1
-                    self._pending -= 1
-                    continue
                 if runs_alone(job) and self._running:
                     return
                 self._waiting.popleft()
