@@ -178,6 +178,36 @@ def test_max_batch_bounds_the_batch_and_a_full_queue_is_429(loaded):
         assert health["requests"]["peak_batch"] == 2 and health["max_batch"] == 2
 
 
+def test_batch_generator_with_our_model_gives_each_prompt_its_tokens_alone(loaded):
+    """mlx-lm's BatchGenerator on OpenELM (each layer its own KV head count): prompts of
+    different lengths, some with cached prefixes of different lengths, joining at different
+    steps, decode to the tokens stream_generate gives each alone (padding masked, RoPE offset
+    per row)."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_openelm.generate import stream_generate
+
+    model, tok = loaded
+    prompts = [tok.encode(t) for t in ("hi", "a much longer prompt than the others", "b c", "x")]
+    want = [[r.token for r in stream_generate(model, tok, p, max_tokens=12)] for p in prompts]
+    gen = BatchGenerator(model, stop_tokens=[[tok.eos_token_id]])
+    got: dict[int, list[int]] = {}
+    uids = gen.insert(prompts[:2], max_tokens=[12, 12])
+    for step in range(80):
+        if step == 3:  # these join a running batch, from cached prefixes of 4 and 1 tokens
+            cached = [(prompts[1][:4], prompts[1]), (prompts[2][:1], prompts[2])]
+            caches = [prefill(model, head) for head, _ in cached]
+            uids += gen.insert(
+                [p[len(head) :] for head, p in cached],
+                max_tokens=[12, 12],
+                caches=caches,
+                all_tokens=[head for head, _ in cached],
+            )
+        for r in gen.next_generated():
+            got.setdefault(r.uid, []).append(r.token)
+    assert [got[u] for u in uids] == [want[0], want[1], want[1], want[2]]
+
+
 def test_n_above_one_is_400_and_the_batch_keeps_serving(url):
     client = _client(url)
     with pytest.raises(openai.BadRequestError) as e:
