@@ -208,6 +208,26 @@ def test_batch_generator_with_our_model_gives_each_prompt_its_tokens_alone(loade
     assert [got[u] for u in uids] == [want[0], want[1], want[1], want[2]]
 
 
+def test_a_waiting_client_that_gives_up_frees_its_place_at_once(loaded):
+    model, tok = loaded
+    app = create_app(model, tok, "tiny", ServerSettings(max_batch=1, max_queue=1))
+    with BackgroundServer(app) as base_url:
+        client = _client(base_url)
+        stream = client.completions.create(model="x", prompt="Once", max_tokens=LONG, stream=True)
+        next(iter(stream))
+        impatient = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=0.3)
+        with pytest.raises(openai.APITimeoutError):  # it waited behind the stream, then left
+            impatient.completions.create(model="x", prompt="a", max_tokens=3)
+        deadline = time.monotonic() + 20
+        while (health := _health(base_url))["pending"] > 1 and not health["requests"]["completed"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # dropped while the stream still fills the batch, not once the stream has finished
+        assert health["pending"] == 1 and health["requests"]["completed"] == 0
+        assert health["requests"]["cancelled"] == 1
+        stream.close()
+
+
 def test_n_above_one_is_400_and_the_batch_keeps_serving(url):
     client = _client(url)
     with pytest.raises(openai.BadRequestError) as e:

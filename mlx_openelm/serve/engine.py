@@ -7,8 +7,10 @@ cancelled ones leave it. Each job keeps its own sampler and logits processors, s
 KV cache of its longest cached prompt prefix (:mod:`mlx_openelm.prompt_cache`) and reports each
 token to its ``sink`` as a :class:`Piece`, then a :class:`Finished` (or a :class:`Failed`). A
 job whose ``cancelled`` event is set (its client went away) leaves the batch before the next
-step, or is skipped if it has not started. At most ``max_batch + max_queue`` jobs are in the
-engine at once; more raise :class:`QueueFull`.
+step, or is dropped from the queue if it has not started. An idle engine waits a few
+milliseconds after a request for others arriving with it, so a burst is prefilled together.
+At most ``max_batch + max_queue`` jobs are in the engine at once; more raise
+:class:`QueueFull`.
 
 A seeded sampling request (``seed`` with ``temperature > 0``) runs alone through
 :func:`mlx_openelm.generate.stream_generate`, once the batch ahead of it has drained: MLX has
@@ -22,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,7 @@ __all__ += ["QueueFull"]
 log = logging.getLogger("mlx_openelm.server")
 
 PREFILL_STEP = 512  # prompt tokens per sequence per step: a long prompt does not stall decoding
+GATHER_QUIET_S, GATHER_MAX_S = 0.005, 0.05  # an idle engine's wait for a burst (see _gather)
 
 
 class QueueFull(Exception):
@@ -141,8 +145,8 @@ class Engine:
         gen = None
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait()
+                if not self._running:
+                    self._gather()
                 if self._stopping and not self._running:
                     break
             if gen is None:
@@ -161,6 +165,19 @@ class Engine:
                 gen = None  # its state is unknown: start a fresh one
         if gen is not None:
             gen.close()
+
+    def _gather(self) -> None:
+        """Wait (holding ``_wake``) for a job; then for the rest of a burst arriving with it, so
+        their prompts are prefilled together rather than one step apart: until no job has come
+        for ``GATHER_QUIET_S``, at most ``GATHER_MAX_S``."""
+        while not self._stopping and not self._waiting:
+            self._wake.wait()
+        deadline = time.monotonic() + GATHER_MAX_S
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            seen = len(self._waiting)
+            self._wake.wait(min(GATHER_QUIET_S, max(deadline - time.monotonic(), 0)))
+            if len(self._waiting) == seen or time.monotonic() >= deadline:
+                return
 
     def _admit(self, gen: Any) -> None:
         """Move waiting jobs into the batch while it has room (a job that must run alone
