@@ -355,6 +355,27 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 429.")
     ] = _SERVE.max_queue,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Requests decoded together (continuous batching).")
+    ] = _SERVE.max_batch,
+    cache_bytes: Annotated[
+        int, typer.Option("--cache-bytes", help="Bytes of prompt-prefix KV caches kept (LRU).")
+    ] = _SERVE.cache_bytes,
+    prompt_cache_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompt-cache-file",
+            help="A system prompt's KV cache kept on disk (mlx-lm's format): loaded at start, "
+            "built from --cache-system-prompt and saved when missing.",
+        ),
+    ] = None,
+    cache_system_prompt: Annotated[
+        str | None, typer.Option("--cache-system-prompt", help="The system prompt it holds.")
+    ] = None,
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-origins", help="Browser origins allowed (CORS; '*': any)."),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) locally.
 
@@ -368,8 +389,11 @@ def serve(
     generation = cli_generate.options_from_flags(flags)
     explicit = cli_generate.explicit_flags(ctx, flags)
     settings = ServerSettings(
-        api_key=api_key, generation=generation, max_queue=max_queue, explicit=explicit
-    )
+        api_key=api_key, generation=generation, max_queue=max_queue, explicit=explicit,
+        max_batch=max_batch, cache_bytes=cache_bytes, allowed_origins=tuple(allowed_origins or ()),
+        prompt_cache_file=str(prompt_cache_file) if prompt_cache_file else None,
+        cache_system_prompt=cache_system_prompt,
+    )  # fmt: skip
     settings.check()  # before anything loads
     from mlx_openelm.server import serve as run_server  # ServeError when the extra is missing
 

@@ -521,7 +521,7 @@ def test_client_giving_up_on_a_non_streaming_request_stops_generation(url):
 
 def test_queue_full_is_429_and_the_server_recovers(loaded):
     model, tok = loaded
-    app = create_app(model, tok, "tiny", ServerSettings(max_queue=0))
+    app = create_app(model, tok, "tiny", ServerSettings(max_queue=0, max_batch=1))
     with BackgroundServer(app) as base_url:
         client = _client(base_url)
         stream = client.completions.create(model="x", prompt="Once", max_tokens=LONG, stream=True)

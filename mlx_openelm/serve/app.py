@@ -3,10 +3,11 @@
 Routes: ``POST /v1/chat/completions`` (messages through the model's chat template),
 ``POST /v1/completions`` (raw prompt), both streaming (server-sent events ending in
 ``data: [DONE]``) or not; ``GET /v1/models`` and ``GET /health``. Built on Starlette and
-uvicorn (the ``[serve]`` extra). Generation runs one request at a time on a worker thread
-(:mod:`mlx_openelm.serve.engine`) with prompt-prefix KV cache reuse; a full queue answers 429,
-a client that disconnects stops its generation. Each request is logged as one line on the
-``mlx_openelm.server`` logger (method, path, status, tokens, seconds).
+uvicorn (the ``[serve]`` extra). Requests are decoded together on a worker thread
+(:mod:`mlx_openelm.serve.engine`: continuous batching, prompt-prefix KV caches of several
+conversations); a full queue answers 429, a client that disconnects leaves the batch, browsers
+from ``allowed_origins`` get CORS headers and others a 403. Each request is logged as one line
+on the ``mlx_openelm.server`` logger (method, path, status, tokens, seconds).
 
     app = create_app(model, tokenizer, "OpenELM-270M-Instruct", ServerSettings(api_key="k"))
     with BackgroundServer(app) as url:   # or serve(...) from the CLI
@@ -31,6 +32,7 @@ from .http import (  # first: a one-line ServeError when the [serve] extra is mi
     AccessLog,
     BackgroundServer,
     BearerAuth,
+    Cors,
     RequestLog,
     bind,
     json_body,
@@ -77,7 +79,17 @@ class _Api:
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_id: str, settings: ServerSettings):
         self.tokenizer, self.model_id, self.settings = tokenizer, model_id, settings
-        self.engine = Engine(model, tokenizer, max_queue=settings.max_queue)
+        self.engine = Engine(
+            model, tokenizer, max_queue=settings.max_queue, max_batch=settings.max_batch,
+            cache_bytes=settings.cache_bytes,
+        )  # fmt: skip
+        if settings.prompt_cache_file is not None:
+            from ..prompt_cache import load_or_build_prefix
+
+            cache, tokens = load_or_build_prefix(
+                settings.prompt_cache_file, model, tokenizer, settings.cache_system_prompt
+            )
+            self.engine.prefix_cache.put(cache, tokens, pinned=True)
         self.context = int(model.args.max_context_length)
         self.vocab_size = int(model.args.vocab_size)
         self.texts = token_texts(tokenizer.get_vocab())
@@ -92,6 +104,7 @@ class _Api:
                 "busy": engine.busy,
                 "pending": engine.pending,
                 "requests": vars(engine.stats),
+                "max_batch": engine.max_batch,
                 "prompt_cache": engine.prefix_cache.stats.to_dict(),
             }
         )
@@ -104,6 +117,8 @@ class _Api:
             "owned_by": "mlx-openelm",
             "context_length": self.context,
             "prompt_cache": self.engine.prefix_cache.stats.to_dict(),
+            # applied to every request: per-request adapters would need per-row LoRA in a batch
+            "adapters": [self.settings.adapter] if self.settings.adapter else [],
         }
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -325,7 +340,7 @@ def create_app(
         finally:
             await asyncio.get_running_loop().run_in_executor(None, api.engine.stop)
 
-    middleware = [Middleware(AccessLog)]
+    middleware = [Middleware(AccessLog), Middleware(Cors, origins=settings.allowed_origins)]
     if settings.api_key:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
     routes = [
@@ -380,6 +395,8 @@ def serve(
     with contextlib.closing(bind(host, port)) as sock:  # before loading: fail fast
         loaded, tok, _ = load_for_generation(model, adapter_path, tokenizer)
         settings = _with_model_defaults(settings, model, tok)
+        if adapter_path is not None:
+            settings = dataclasses.replace(settings, adapter=Path(adapter_path).name)
         model_id = model_id_for(model)
         app = create_app(loaded, tok, model_id, settings)
         if on_ready is not None:

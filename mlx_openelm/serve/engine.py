@@ -1,72 +1,53 @@
-"""The server's generation worker: one thread owns the model and runs one request at a time.
+"""The server's generation worker: one thread owns the model and decodes requests together.
 
-HTTP handlers :meth:`Engine.submit` a :class:`Job`; the worker runs it through
-:func:`mlx_openelm.generate.stream_generate` (reusing the KV cache of a shared prompt prefix,
-see :mod:`mlx_openelm.prompt_cache`) and reports each token to the job's ``sink`` as a
-:class:`Piece`, then a :class:`Finished` (or a :class:`Failed`). A job whose ``cancelled`` event
-is set (its client went away) stops at its next token, or is skipped if it has not started.
-At most ``1 + max_queue`` jobs are in the engine at once; more raise :class:`QueueFull`.
+HTTP handlers :meth:`Engine.submit` a :class:`Job`. The worker runs continuous batching on
+mlx-lm's ``BatchGenerator``: between two decoding steps, waiting jobs join the running batch (up
+to ``max_batch`` sequences; their prompts are prefilled alongside the decoding) and finished or
+cancelled ones leave it. Each job keeps its own sampler and logits processors, starts from the
+KV cache of its longest cached prompt prefix (:mod:`mlx_openelm.prompt_cache`) and reports each
+token to its ``sink`` as a :class:`Piece`, then a :class:`Finished` (or a :class:`Failed`). A
+job whose ``cancelled`` event is set (its client went away) leaves the batch before the next
+step, or is dropped from the queue if it has not started. An idle engine waits a few
+milliseconds after a request for others arriving with it, so a burst is prefilled together.
+At most ``max_batch + max_queue`` jobs are in the engine at once; more raise
+:class:`QueueFull`.
+
+A seeded sampling request (``seed`` with ``temperature > 0``) runs alone through
+:func:`mlx_openelm.generate.stream_generate`, once the batch ahead of it has drained: MLX has
+one random state, so only alone is its reply the one ``generate`` gives for that seed. Prompt
+lookup (``prompt_lookup_num_tokens``) is a one-sequence speed-up; in the batch a request with it
+decodes plainly, which gives greedy requests the same tokens.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OpenELMError
-from ..generate import GenerationOptions, stream_generate
-from ..prompt_cache import PrefixCache
-from .responses import TokenLogprob
+from ..generate import _for_mlx_lm, stream_generate
+from ..prompt_cache import DEFAULT_CACHE_BYTES, PrefixCache
+from .schema import DEFAULT_MAX_BATCH
+from .sequence import Event, Failed, Finished, Job, Piece, Sequence, logprob_of
 
-__all__ = ["Engine", "Failed", "Finished", "Job", "Piece", "QueueFull"]
+__all__ = ["DEFAULT_MAX_BATCH", "Engine", "Event", "Failed", "Finished", "Job", "Piece"]
+__all__ += ["QueueFull"]
 
 log = logging.getLogger("mlx_openelm.server")
 
-
-@dataclass(frozen=True)
-class Piece:
-    """One generated token: the text it releases (may be empty) and its logprobs if asked."""
-
-    text: str
-    logprob: TokenLogprob | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Finished:
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: Exception
-
-
-Event = Piece | Finished | Failed
-
-
-@dataclass(kw_only=True)
-class Job:
-    """A prompt to complete with ``options`` (their ``max_tokens`` already fits the context)."""
-
-    ids: list[int]
-    options: GenerationOptions
-    sink: Callable[[Event], None]
-    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token and k others
-    cancelled: threading.Event = field(default_factory=threading.Event)
+PREFILL_STEP = 512  # prompt tokens per sequence per step: a long prompt does not stall decoding
+GATHER_QUIET_S, GATHER_MAX_S = 0.005, 0.05  # an idle engine's wait for a burst (see _gather)
 
 
 class QueueFull(Exception):
-    """The engine already holds ``1 + max_queue`` jobs."""
+    """The engine already holds ``max_batch + max_queue`` jobs."""
 
 
 @dataclass
@@ -75,25 +56,44 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     generated_tokens: int = 0
+    solo: int = 0  # jobs run alone (seeded sampling)
+    batch_steps: int = 0
+    peak_batch: int = 0  # the most sequences decoded in one step
+
+
+def runs_alone(job: Job) -> bool:
+    """Whether ``job`` needs the model to itself (see the module docstring)."""
+    o = job.options
+    return (o.seed is not None and o.temp > 0) or o.max_kv_size is not None or o.kv_bits is not None
 
 
 class Engine:
-    """Runs jobs one after another on a worker thread (MLX work stays on that one thread)."""
+    """Decodes jobs in one batch on a worker thread (MLX work stays on that one thread)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_queue: int = 8) -> None:
-        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
-        self.prefix_cache = PrefixCache(model)
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_queue: int = 8,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self.prefix_cache = PrefixCache(model, max_bytes=cache_bytes)
         self.stats = EngineStats()
         self._eos = set(getattr(tokenizer, "eos_token_ids", ()) or {tokenizer.eos_token_id})
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
         self._pending = 0
-        self._current: Job | None = None
+        self._running: dict[int, Sequence] = {}  # the batch's uid -> sequence
+        self._solo: Job | None = None
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running) or self._solo is not None
 
     @property
     def pending(self) -> int:
@@ -101,6 +101,7 @@ class Engine:
         return self._pending
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mlx-openelm-engine", daemon=True)
         self._thread.start()
 
@@ -108,58 +109,195 @@ class Engine:
         """Cancel every job and end the worker (waiting at most ``timeout`` seconds)."""
         if self._thread is None:
             return
-        with self._lock:
-            for job in list(self._jobs.queue):
-                if job is not None:
-                    job.cancelled.set()
-            if self._current is not None:
-                self._current.cancelled.set()
-        self._jobs.put(None)
+        with self._wake:
+            self._stopping = True
+            for job in [*self._waiting, *(s.job for s in list(self._running.values()))]:
+                job.cancelled.set()
+            if self._solo is not None:
+                self._solo.cancelled.set()
+            self._wake.notify()
         self._thread.join(timeout)
         self._thread = None
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``.
+        """Queue ``job``; it joins the batch at the next step with room.
 
         Raises:
-            QueueFull: ``1 + max_queue`` jobs are already running or waiting.
+            QueueFull: ``max_batch + max_queue`` jobs are already running or waiting.
         """
-        with self._lock:
-            if self._pending >= 1 + self.max_queue:
+        with self._wake:
+            if self._pending >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self._pending} requests are running or waiting")
             self._pending += 1
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def _done(self, job: Job) -> None:
+        with self._wake:
+            self._pending -= 1
+
+    # --- The worker -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._current = job
-            try:
-                if job.cancelled.is_set():
-                    self.stats.cancelled += 1
-                else:
-                    self._run(job)
-            except Exception as e:  # reported to the client; the worker must outlive any request
-                if not isinstance(e, OpenELMError):  # a bug, not a bad request: keep the traceback
-                    log.exception("generation failed")
-                self.prefix_cache.clear()
-                self.stats.failed += 1
-                job.sink(Failed(e))
-            finally:
-                self._current = None
-                with self._lock:
-                    self._pending -= 1
+        from mlx_lm.generate import BatchGenerator
 
-    def _run(self, job: Job) -> None:
+        stream = mx.default_stream(mx.default_device())  # this thread's: all MLX work runs here
+        gen = None
+        while True:
+            with self._wake:
+                if not self._running:
+                    self._gather()
+                if self._stopping and not self._running:
+                    break
+            if gen is None:
+                gen = BatchGenerator(
+                    self.model, stop_tokens=[[t] for t in self._eos],
+                    completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch,
+                    prefill_step_size=PREFILL_STEP, stream=stream,
+                )  # fmt: skip
+            try:
+                self._admit(gen)
+                self._drop_cancelled(gen)
+                if self._running:
+                    self._step(gen)
+            except Exception as e:  # the worker must outlive any request
+                self._fail_batch(e)
+                gen = None  # its state is unknown: start a fresh one
+        if gen is not None:
+            gen.close()
+
+    def _gather(self) -> None:
+        """Wait (holding ``_wake``) for a job; then for the rest of a burst arriving with it, so
+        their prompts are prefilled together rather than one step apart: until no job has come
+        for ``GATHER_QUIET_S``, at most ``GATHER_MAX_S``."""
+        while not self._stopping and not self._waiting:
+            self._wake.wait()
+        deadline = time.monotonic() + GATHER_MAX_S
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            seen = len(self._waiting)
+            self._wake.wait(min(GATHER_QUIET_S, max(deadline - time.monotonic(), 0)))
+            if len(self._waiting) == seen or time.monotonic() >= deadline:
+                return
+
+    def _admit(self, gen: Any) -> None:
+        """Move waiting jobs into the batch while it has room (a job that must run alone
+        waits, holding the queue, until the batch has drained, then runs)."""
+        while True:
+            with self._wake:
+                alive = [job for job in self._waiting if not job.cancelled.is_set()]
+                if len(alive) < len(self._waiting):  # hung up while waiting: never started
+                    gone = len(self._waiting) - len(alive)
+                    self.stats.cancelled += gone
+                    self._pending -= gone
+                    self._waiting = collections.deque(alive)
+                if not self._waiting or len(self._running) >= self.max_batch:
+                    return
+                job = self._waiting[0]
+                if runs_alone(job) and self._running:
+                    return
+                self._waiting.popleft()
+            if runs_alone(job):
+                self._run_alone(job)
+            else:
+                self._insert(gen, job)
+
+    def _insert(self, gen: Any, job: Job) -> None:
+        try:
+            options = job.options.validate()
+            options.check_logit_bias(int(self.model.args.vocab_size))
+            processors = options.logits_processors(start=len(job.ids), tokenizer=self.tokenizer)
+        except Exception as e:
+            self._fail(job, e)
+            return
+        cache, reused = self.prefix_cache.take(job.ids)
+        (uid,) = gen.insert(
+            [job.ids[reused:]],
+            max_tokens=[options.max_tokens],
+            caches=[cache],
+            all_tokens=[job.ids[:reused]],  # the processors see the whole context
+            samplers=[None if options.temp == 0 else options.sampler()],  # None: batched argmax
+            logits_processors=[processors],
+        )
+        detokenizer = _for_mlx_lm(self.tokenizer).detokenizer
+        self._running[uid] = Sequence(job, detokenizer, self._eos, reused)
+
+    def _step(self, gen: Any) -> None:
+        _, responses = gen.next()
+        if responses:
+            self.stats.batch_steps += 1
+            self.stats.peak_batch = max(self.stats.peak_batch, len(responses))
+        ended = []
+        for r in responses:
+            seq = self._running.get(r.uid)
+            if seq is None:
+                continue
+            self.stats.generated_tokens += 1
+            ends = seq.push(r.token, r.logprobs)  # EOS, max_tokens or a stop string
+            if r.finish_reason is not None:  # mlx-lm ended it (EOS, max_tokens): its cache
+                if not ends:
+                    seq.job.sink(seq.finished(r.finish_reason))
+                self.stats.completed += 1
+                self._leave(r.uid, r.prompt_cache, r.all_tokens)
+            elif ends:
+                self.stats.completed += 1
+                ended.append(r.uid)
+        self._remove(gen, ended)
+
+    def _drop_cancelled(self, gen: Any) -> None:
+        gone = [uid for uid, seq in self._running.items() if seq.job.cancelled.is_set()]
+        self.stats.cancelled += len(gone)
+        self._remove(gen, gone)
+
+    def _remove(self, gen: Any, uids: list[int]) -> None:
+        """Take ``uids`` out of the batch, keeping their caches for later prompts."""
+        if not uids:
+            return
+        caches = gen.remove(uids, return_prompt_caches=True)
+        for uid in uids:
+            cache, tokens = caches.get(uid, (None, None))
+            self._leave(uid, cache, tokens)
+
+    def _leave(self, uid: int, cache: Any, tokens: Any) -> None:
+        seq = self._running.pop(uid)
+        if cache is not None and tokens is not None:
+            self.prefix_cache.put(cache, tokens)
+        self._done(seq.job)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if not isinstance(e, OpenELMError):  # a bug, not a bad request: keep the traceback
+            log.error("generation failed", exc_info=e)
+        self.stats.failed += 1
+        job.sink(Failed(e))
+        self._done(job)
+
+    def _fail_batch(self, e: Exception) -> None:
+        self.prefix_cache.clear()
+        for seq in self._running.values():
+            self._fail(seq.job, e)
+        self._running.clear()
+
+    # --- Alone ------------------------------------------------------------------------------
+
+    def _run_alone(self, job: Job) -> None:
+        self._solo = job
+        self.stats.solo += 1
+        try:
+            self._stream_alone(job)
+        except Exception as e:
+            self.prefix_cache.clear()
+            self._fail(job, e)
+            return
+        finally:
+            self._solo = None
+        self._done(job)
+
+    def _stream_alone(self, job: Job) -> None:
         cache, reused = self.prefix_cache.take(job.ids)
         held = list(job.ids)  # what the cache holds once each yielded token is fed to the model
         responses = stream_generate(
-            self.model,
-            self.tokenizer,
-            job.ids[reused:],
-            options=job.options,
-            prompt_cache=cache,
-            context=job.ids[:reused],  # prompt lookup and the context-scope penalty see it all
-        )
+            self.model, self.tokenizer, job.ids[reused:], options=job.options,
+            prompt_cache=cache, context=job.ids[:reused],
+        )  # fmt: skip
         try:
             for r in responses:
                 held.append(r.token)
@@ -167,29 +305,17 @@ class Engine:
                 if job.cancelled.is_set():
                     self.stats.cancelled += 1
                     return
-                job.sink(Piece(r.text, self._logprob(r, job.top_logprobs)))
+                is_eos = r.finish_reason == "stop" and r.token in self._eos
+                lp = None if is_eos else logprob_of(r.token, r.logprobs, job.top_logprobs)
+                job.sink(Piece(r.text, lp))
                 if r.finish_reason is not None:
                     self.stats.completed += 1
-                    finished = Finished(
-                        finish_reason=r.finish_reason,
-                        prompt_tokens=len(job.ids),
-                        cached_tokens=reused,
-                        completion_tokens=r.generation_tokens,
-                    )
-                    job.sink(finished)
+                    job.sink(
+                        Finished(
+                            finish_reason=r.finish_reason, prompt_tokens=len(job.ids),
+                            cached_tokens=reused, completion_tokens=r.generation_tokens,
+                        )
+                    )  # fmt: skip
         finally:
             responses.close()
             self.prefix_cache.put(cache, held)
-
-    def _logprob(self, r: Any, k: int | None) -> TokenLogprob | None:
-        if k is None or (r.finish_reason == "stop" and r.token in self._eos):
-            return None  # like OpenAI, the end-of-sequence token is not listed
-        lp = r.logprobs.reshape(-1)
-        top: tuple[tuple[int, float], ...] = ()
-        if k > 0:
-            k = min(k, lp.size)
-            idx = mx.argpartition(-lp, kth=k - 1)[:k]
-            vals = lp[idx]
-            order = mx.argsort(-vals)
-            top = tuple(zip(idx[order].tolist(), vals[order].tolist()))
-        return TokenLogprob(r.token, lp[r.token].item(), top)

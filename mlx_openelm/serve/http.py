@@ -32,7 +32,7 @@ except ModuleNotFoundError as e:  # the [serve] extra is optional
         'pip install -e ".[serve]"  (or: pip install "mlx-openelm[serve]")'
     ) from e
 
-__all__ = ["BackgroundServer", "RequestLog", "bind", "run", "url_of"]
+__all__ = ["BackgroundServer", "Cors", "RequestLog", "bind", "run", "url_of"]
 
 log = logging.getLogger("mlx_openelm.server")
 
@@ -165,6 +165,58 @@ class BearerAuth:
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class Cors:
+    """ASGI middleware: cross-origin requests from browsers, for the ``origins`` allowed.
+
+    A request without an ``Origin`` header (every non-browser client) passes untouched. One
+    from an allowed origin (``"*"`` allows all) gets ``Access-Control-Allow-Origin``; a preflight
+    (``OPTIONS`` with ``Access-Control-Request-Method``) is answered here, before auth, with the
+    methods and headers it may use. Any other origin gets a 403 in OpenAI's error shape.
+    """
+
+    METHODS = "GET, POST, OPTIONS"
+    MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+
+    def __init__(self, app: Any, origins: tuple[str, ...] = ()) -> None:
+        self.app, self.origins = app, frozenset(origins)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"]) if scope["type"] == "http" else {}
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if not origin:
+            await self.app(scope, receive, send)
+            return
+        if "*" not in self.origins and origin not in self.origins:
+            error = APIError(
+                403,
+                f"origin {short(origin, 100)} is not allowed; start the server with "
+                f"--allowed-origins {short(origin, 100)} (or '*' for any)",
+                param="Origin",
+                code="origin_not_allowed",
+                kind="permission_error",
+            )
+            await error_response(error, headers={"Vary": "Origin"})(scope, receive, send)
+            return
+        allow = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            asked = headers.get(b"access-control-request-headers", b"").decode("latin-1")
+            allow |= {
+                "Access-Control-Allow-Methods": self.METHODS,
+                "Access-Control-Allow-Headers": asked or "Authorization, Content-Type",
+                "Access-Control-Max-Age": self.MAX_AGE,
+            }
+            await Response(status_code=204, headers=allow)(scope, receive, send)
+            return
+        extra = [(k.lower().encode(), v.encode("latin-1")) for k, v in allow.items()]
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
 
 
 def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:

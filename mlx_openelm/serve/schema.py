@@ -22,6 +22,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_SERVE_MAX_TOKENS = 512
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_BATCH = 8  # sequences decoded together
+# The prompt-prefix caches' KV arrays (mlx_openelm.prompt_cache). 1 GiB: ~64 full 2048-token
+# conversations of OpenELM-270M (float16 KV: ~16 KiB a token), ~9 of 3B.
+DEFAULT_CACHE_BYTES = 2**30
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -75,6 +79,12 @@ class ServerSettings:
     # Generation fields the operator set; the model's defaults (Apple's for Instruct models,
     # generation_config.json) fill in only the others, see mlx_openelm.decoding_defaults.
     explicit: frozenset[str] = frozenset()
+    max_batch: int = DEFAULT_MAX_BATCH
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    allowed_origins: tuple[str, ...] = ()  # CORS: none by default; "*" allows every origin
+    prompt_cache_file: str | None = None  # a saved system-prompt prefix (mlx-lm's format)
+    cache_system_prompt: str | None = None  # builds prompt_cache_file when it does not exist
+    adapter: str | None = None  # the adapter applied to every request, for /v1/models
 
     def check(self) -> None:
         """Raises GenerationError or ServeError for a value out of range."""
@@ -83,6 +93,10 @@ class ServerSettings:
         self.generation.validate()
         if self.max_queue < 0:
             raise ServeError(f"--max-queue must be >= 0 (0 = no waiting), got {self.max_queue}")
+        if self.max_batch < 1:
+            raise ServeError(f"--max-batch must be >= 1 (1 = one at a time), got {self.max_batch}")
+        if self.cache_bytes < 0:
+            raise ServeError(f"--cache-bytes must be >= 0 (0 = no cache), got {self.cache_bytes}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,283 @@
+"""Serving speed, ours vs ``mlx_lm.server``, with 1, 4 and 8 concurrent streaming clients.
+
+Both servers run as subprocesses on loopback, serving the same 270M-shaped random-weights folder
+(written by our folder writer, as ``bench_generate.py`` does; a base model, so neither applies a
+chat template or Instruct defaults): ``mlx-openelm serve --max-batch 8`` and
+``python -m mlx_lm.server`` (which batches too, on the same ``BatchGenerator``). Each round
+sends every client its own prompt at once (a barrier starts them) as a streaming
+``/v1/completions`` request, greedy, EOS biased away so every reply is ``--tokens`` long.
+Rounds alternate between the servers (ours, mlx-lm, mlx-lm, ours, ...) so background load hits
+both alike; medians are reported.
+
+Per round: total generated tokens / wall time (tok/s), the median client's time to first token,
+its per-token latency after the first ((last - first) / (n - 1)) and the server's peak resident
+memory during the round (``VmHWM``, reset before each round through ``/proc/PID/clear_refs``).
+It also checks that each batched reply equals the reply the same prompt gets alone.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 OPENBLAS_CORETYPE=SkylakeX \\
+        python benchmarks/bench_server.py --write     # replace "## Server" in RESULTS.md
+
+Bounded: ``--budget`` seconds in all (rounds that would start past it are skipped and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.folder import write_model_folder
+from mlx_openelm.model import Model
+from mlx_openelm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
+SECTION = "## Server"
+EOS = 2  # Llama-2's
+WORDS = "the a river mountain quiet city light morning story old friend walked over".split()
+
+
+def make_folder(path: Path) -> Path:
+    """The 270M preset, MLX's default random init, float32, as a base model."""
+    args = ModelArgs.from_preset("270M")
+    mx.random.seed(0)
+    model = Model(args)
+    write_model_folder(
+        path, args.to_dict(), tree_flatten(model.parameters()), tokenizer=Tokenizer(TOKENIZER)
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on a free loopback port; ``peak_mb()`` since the last ``reset()``."""
+
+    def __init__(self, name: str, cmd: list[str]) -> None:
+        self.name, self.port = name, free_port()
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"{self.name} exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        sys.exit(f"{self.name} did not start within {timeout:.0f} s")
+
+    def reset(self) -> None:
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # resets VmHWM
+
+    def peak_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stream_one(port: int, prompt: str, tokens: int, start: threading.Barrier) -> dict:
+    """One streaming completion: its text, token count, TTFT and per-token latency."""
+    body = {
+        "model": "default_model", "prompt": prompt, "max_tokens": tokens, "temperature": 0.0,
+        "stream": True, "logit_bias": {str(EOS): -100}, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start.wait()
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    text, times, usage = [], [], None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            text.append(chunk["choices"][0]["text"])
+            times.append(time.perf_counter())
+    conn.close()
+    n = (usage or {}).get("completion_tokens") or len(times)
+    per_token = (times[-1] - times[0]) / max(len(times) - 1, 1) if times else float("nan")
+    return {"text": "".join(text), "n": n, "ttft": times[0] - t0, "per_token": per_token}
+
+
+def one_round(server: Server, prompts: list[str], tokens: int) -> dict:
+    start = threading.Barrier(len(prompts) + 1)
+    results: list[dict | None] = [None] * len(prompts)
+
+    def client(i: int) -> None:
+        results[i] = stream_one(server.port, prompts[i], tokens, start)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    server.reset()
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r is not None]
+    if len(done) < len(prompts):
+        sys.exit(f"{server.name}: {len(prompts) - len(done)} of {len(prompts)} clients failed")
+    return {
+        "tps": sum(r["n"] for r in done) / wall,
+        "ttft": statistics.median(r["ttft"] for r in done),
+        "per_token": statistics.median(r["per_token"] for r in done),
+        "peak_mb": server.peak_mb(),
+        "texts": [r["text"] for r in done],
+    }
+
+
+def table(rows: dict[tuple[str, int], list[dict]], clients: list[int]) -> str:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("tps", "ttft", "per_token",
+                                                              "peak_mb")}
+           for k, v in rows.items() if v}  # fmt: skip
+    lines = [
+        "| clients | server | total tok/s | TTFT s | per-token s | peak RSS MB | "
+        "tok/s vs mlx-lm | tok/s vs ours at 1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in clients:
+        for name in ("ours", "mlx-lm"):
+            m = med.get((name, c))
+            if m is None:
+                lines.append(f"| {c} | {name} | not run (budget) | | | | | |")
+                continue
+            theirs, base = med.get(("mlx-lm", c)), med.get(("ours", 1))
+            vs = f"{m['tps'] / theirs['tps']:.2f}×" if theirs else "-"
+            vs1 = f"{m['tps'] / base['tps']:.2f}×" if base and name == "ours" else "-"
+            lines.append(
+                f"| {c} | {name} | {m['tps']:.1f} | {m['ttft']:.2f} | {m['per_token']:.3f} "
+                f"| {m['peak_mb']:.0f} | {vs} | {vs1} |"
+            )
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION in old:
+        start = old.index(SECTION)
+        nxt = old.find("\n## ", start + len(SECTION))
+        old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1 :] if nxt >= 0 else "\n")
+    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--tokens", type=int, default=32, help="generated per client")
+    parser.add_argument("--prompt-words", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=900, help="seconds in all")
+    parser.add_argument("--write", action="store_true", help=f"replace {SECTION} in RESULTS.md")
+    args = parser.parse_args()
+    if not TOKENIZER.is_file():
+        sys.exit(f"needs the Llama-2 tokenizer at {TOKENIZER} (../shared)")
+    clients = [int(c) for c in args.clients.split(",")]
+    began = time.monotonic()
+    prompts = [
+        " ".join(WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(args.prompt_words))
+        for i in range(max(clients))
+    ]
+    rows: dict[tuple[str, int], list[dict]] = {
+        (n, c): [] for c in clients for n in ("ours", "mlx-lm")
+    }
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(make_folder(Path(tmp) / "openelm-270M-random"))
+        py = sys.executable
+        servers = {
+            "ours": Server(
+                "ours",
+                [
+                    py,
+                    "-m",
+                    "mlx_openelm.cli",
+                    "serve",
+                    "-m",
+                    folder,
+                    "--max-batch",
+                    str(max(clients)),
+                ],
+            ),  # fmt: skip
+            "mlx-lm": Server("mlx-lm", [py, "-m", "mlx_lm.server", "--model", folder]),
+        }
+        try:
+            for s in servers.values():
+                s.wait_ready()
+            for s in servers.values():  # warm-up: first calls compile and allocate
+                one_round(s, prompts[:2], 4)
+            for r in range(args.rounds):
+                for c in clients:
+                    order = ("ours", "mlx-lm") if (r + c) % 2 == 0 else ("mlx-lm", "ours")
+                    for name in order:
+                        if time.monotonic() - began > args.budget:
+                            continue
+                        rows[(name, c)].append(one_round(servers[name], prompts[:c], args.tokens))
+                        print(f"{name} x{c} round {r}: {rows[(name, c)][-1]['tps']:.1f} tok/s",
+                              file=sys.stderr)  # fmt: skip
+        finally:
+            for s in servers.values():
+                s.stop()
+    alone = {i: t for i, t in enumerate(rows[("ours", 1)][0]["texts"])} if rows[("ours", 1)] else {}
+    same_batch = all(
+        r["texts"][0] == alone.get(0) for c in clients for r in rows[("ours", c)]
+    )  # client 0 has the same prompt in every round
+    same_mlx = all(r["texts"] == rows[("ours", c)][0]["texts"][: len(r["texts"])]
+                   for c in clients for r in rows[("mlx-lm", c)] if rows[("ours", c)])  # fmt: skip
+    text = (
+        f"{SECTION}\n\n"
+        f"`python benchmarks/bench_server.py` — 270M-shaped random float32 model, "
+        f"{args.prompt_words}-word prompts (one per client), {args.tokens} tokens generated "
+        f"greedily per client (EOS biased away), streaming `/v1/completions` over loopback, "
+        f"{args.rounds} alternating rounds (median), {os.cpu_count()} CPU cores, load average "
+        f"{load[0]:.2f} at start, BLAS: `{os.environ.get('LD_PRELOAD') or 'as installed'}`, "
+        f"mlx {mx.__version__}. Ours: `mlx-openelm serve --max-batch {max(clients)}`; mlx-lm: "
+        f"`python -m mlx_lm.server` (its defaults: decode concurrency 32). Client 0's reply is "
+        f"the same at every concurrency: {'yes' if same_batch else 'NO'}; mlx-lm's replies "
+        f"equal ours: {'yes' if same_mlx else 'NO'}. Took {time.monotonic() - began:.0f} s.\n\n"
+        f"{table(rows, clients)}\n"
+    )
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
