@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
 SECTION = "## Server"
+JSON_SECTION = "## Server: structured output"
 EOS = 2  # Llama-2's
 WORDS = "the a river mountain quiet city light morning story old friend walked over".split()
 
@@ -108,11 +109,31 @@ class Server:
             self.proc.kill()
 
 
-def stream_one(port: int, prompt: str, tokens: int, start: threading.Barrier) -> dict:
+# --json: every request of the "ours json" runner asks for this (one long free string, so a
+# random model's reply runs to max_tokens like the plain one; EOS is still biased away, and the
+# grammar allows only EOS once the object is closed).
+JSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "note",
+        "schema": {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "mood": {"enum": ["calm", "grim"]},
+                           "text": {"type": "string"}},
+            "required": ["title", "mood", "text"],
+        },
+    },
+}  # fmt: skip
+
+
+def stream_one(
+    port: int, prompt: str, tokens: int, start: threading.Barrier, extra: dict | None = None
+) -> dict:
     """One streaming completion: its text, token count, TTFT and per-token latency."""
     body = {
         "model": "default_model", "prompt": prompt, "max_tokens": tokens, "temperature": 0.0,
         "stream": True, "logit_bias": {str(EOS): -100}, "stream_options": {"include_usage": True},
+        **(extra or {}),
     }  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start.wait()
@@ -136,12 +157,12 @@ def stream_one(port: int, prompt: str, tokens: int, start: threading.Barrier) ->
     return {"text": "".join(text), "n": n, "ttft": times[0] - t0, "per_token": per_token}
 
 
-def one_round(server: Server, prompts: list[str], tokens: int) -> dict:
+def one_round(server: Server, prompts: list[str], tokens: int, extra: dict | None = None) -> dict:
     start = threading.Barrier(len(prompts) + 1)
     results: list[dict | None] = [None] * len(prompts)
 
     def client(i: int) -> None:
-        results[i] = stream_one(server.port, prompts[i], tokens, start)
+        results[i] = stream_one(server.port, prompts[i], tokens, start, extra)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     server.reset()
@@ -189,13 +210,85 @@ def table(rows: dict[tuple[str, int], list[dict]], clients: list[int]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
+    if section + "\n" in old:
+        start = old.index(section + "\n")
+        nxt = old.find("\n## ", start + len(section))
         old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1 :] if nxt >= 0 else "\n")
     RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+
+
+def ours_server(folder: str, max_batch: int) -> Server:
+    cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "-m", folder,
+           "--max-batch", str(max_batch)]  # fmt: skip
+    return Server("ours", cmd)
+
+
+def run_json(args: argparse.Namespace, prompts: list[str], clients: list[int], began: float,
+             load: tuple[float, ...]) -> None:  # fmt: skip
+    """Our server alone: the same rounds, plain requests vs ``response_format`` json_schema."""
+    runners = {"plain": None, "json": {"response_format": JSON_FORMAT}}
+    rows: dict[tuple[str, int], list[dict]] = {(n, c): [] for c in clients for n in runners}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ours_server(str(make_folder(Path(tmp) / "openelm-270M-random")), max(clients))
+        try:
+            server.wait_ready()
+            for extra in runners.values():  # warm-up (the grammar's vocabulary is built once)
+                one_round(server, prompts[:2], 4, extra)
+            for r in range(args.rounds):
+                for c in clients:
+                    order = ("plain", "json") if (r + c) % 2 == 0 else ("json", "plain")
+                    for name in order:
+                        if time.monotonic() - began > args.budget:
+                            continue
+                        rows[(name, c)].append(one_round(server, prompts[:c], args.tokens,
+                                                         runners[name]))  # fmt: skip
+                        print(f"{name} x{c} round {r}: {rows[(name, c)][-1]['tps']:.1f} tok/s",
+                              file=sys.stderr)  # fmt: skip
+        finally:
+            server.stop()
+    lines = [
+        "| clients | plain tok/s | json tok/s | json / plain | TTFT s plain / json | "
+        "json replies that parse (or are a cut-off prefix) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in clients:
+        plain, js = rows[("plain", c)], rows[("json", c)]
+        if not plain or not js:
+            lines.append(f"| {c} | not run (budget) | | | | |")
+            continue
+        p, j = (statistics.median(r["tps"] for r in x) for x in (plain, js))
+        tp, tj = (statistics.median(r["ttft"] for r in x) for x in (plain, js))
+        texts = [t for r in js for t in r["texts"]]
+        ok = sum(_json_or_prefix(t) for t in texts)
+        lines.append(f"| {c} | {p:.1f} | {j:.1f} | {j / p:.2f}× | {tp:.2f} / {tj:.2f} "
+                     f"| {ok}/{len(texts)} |")  # fmt: skip
+    text = (
+        f"{JSON_SECTION}\n\n"
+        f"`python benchmarks/bench_server.py --json` — our server alone (`--max-batch "
+        f"{max(clients)}`), the 270M-shaped random float32 model, {args.tokens} tokens per "
+        f"client, greedy, EOS biased away, streaming `/v1/completions`; rounds alternate between "
+        f"plain requests and the same requests with `response_format` json_schema (an object of "
+        f"two strings and an enum), {args.rounds} rounds (median), {os.cpu_count()} CPU cores, "
+        f"load average {load[0]:.2f} at start. Took {time.monotonic() - began:.0f} s.\n\n"
+        + "\n".join(lines) + "\n"
+    )  # fmt: skip
+    print(text)
+    if args.write:
+        write_section(text, JSON_SECTION)
+
+
+def _json_or_prefix(text: str) -> bool:
+    """The reply parses as JSON, or (cut at max_tokens) is a prefix that closing it would make
+    parse: the string or object is completed by appending quote/brace characters."""
+    for tail in ("", '"}', "}", '"', '"]}', "]}"):
+        try:
+            json.loads(text + tail)
+            return True
+        except ValueError:
+            continue
+    return False
 
 
 def main() -> None:
@@ -206,6 +299,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budget", type=float, default=900, help="seconds in all")
     parser.add_argument("--write", action="store_true", help=f"replace {SECTION} in RESULTS.md")
+    parser.add_argument(
+        "--json", action="store_true",
+        help=f"ours only, plain vs response_format json_schema requests ({JSON_SECTION})",
+    )  # fmt: skip
     args = parser.parse_args()
     if not TOKENIZER.is_file():
         sys.exit(f"needs the Llama-2 tokenizer at {TOKENIZER} (../shared)")
@@ -219,6 +316,8 @@ def main() -> None:
         (n, c): [] for c in clients for n in ("ours", "mlx-lm")
     }
     load = os.getloadavg()
+    if args.json:
+        return run_json(args, prompts, clients, began, load)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_folder(Path(tmp) / "openelm-270M-random"))
         py = sys.executable
