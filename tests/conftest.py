@@ -53,6 +53,15 @@ def tiny_model_dir(tmp_path_factory, tiny_spm) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-instruct", tiny_spm)
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of :func:`tiny_model_dir`, loaded once per test module (the server
+    tests share it between the app and their references)."""
+    from mlx_openelm.loading import load
+
+    return load(tiny_model_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_model_dir(tmp_path_factory, tiny_spm) -> Path:
     """A tiny base model folder (no chat template). Treat it as read-only."""

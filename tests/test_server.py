@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,11 +42,6 @@ from tiny import random_weights, tiny_config  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 LONG = 1500  # tokens: several seconds of generation, so a stream can be cut off mid-way
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
-    return load(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +27,7 @@ pytest.importorskip(
 )
 
 from conftest import make_model_dir  # noqa: E402
+from test_server import _client  # noqa: E402
 
 from mlx_openelm.errors import ServeError  # noqa: E402
 from mlx_openelm.generate import build_prompt, generate  # noqa: E402
@@ -36,15 +36,6 @@ from mlx_openelm.prompt_cache import PrefixCache, cache_nbytes, prefill, system_
 from mlx_openelm.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
 
 LONG = 1500  # tokens: a stream that is still running when the test acts on it
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
-    return load(tiny_model_dir)
-
-
-def _client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def _raw(base_url: str, method: str, path: str, headers: dict[str, str] | None = None,

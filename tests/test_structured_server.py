@@ -19,12 +19,11 @@ pytest.importorskip("starlette", reason='the server needs: pip install -e ".[ser
 pytest.importorskip("llguidance", reason='structured output needs: pip install -e ".[json]"')
 jsonschema = pytest.importorskip("jsonschema", reason="the dev extra has jsonschema")
 
-from test_server import _raw  # noqa: E402
+from test_server import _client, _raw  # noqa: E402
 from test_structured import SCHEMAS  # noqa: E402
 
 from mlx_openelm import structured  # noqa: E402
 from mlx_openelm.generate import build_prompt, generate  # noqa: E402
-from mlx_openelm.loading import load  # noqa: E402
 from mlx_openelm.server import BackgroundServer, create_app  # noqa: E402
 
 HI = [{"role": "user", "content": "Give me a record as JSON."}]
@@ -38,11 +37,6 @@ def _format(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def url(loaded) -> Iterator[str]:
     model, tok = loaded
     with BackgroundServer(create_app(model, tok, "tiny-instruct")) as base_url:
@@ -51,7 +45,7 @@ def url(loaded) -> Iterator[str]:
 
 @pytest.fixture()
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    return _client(url)
 
 
 def _valid(text: str, name: str) -> None:
