@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -219,6 +220,26 @@ def write_section(text: str, section: str = SECTION) -> None:
     RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
 
+def alternate(
+    rows: dict[tuple[str, int], list[dict]],
+    names: tuple[str, str],
+    args: argparse.Namespace,
+    clients: list[int],
+    began: float,
+    run: Callable[[str, int], dict],
+) -> None:
+    """``args.rounds`` rounds at each client count, the two runners' order alternating (so
+    background load hits both alike); rounds that would start past ``args.budget`` are skipped."""
+    for r in range(args.rounds):
+        for c in clients:
+            for name in names if (r + c) % 2 == 0 else names[::-1]:
+                if time.monotonic() - began > args.budget:
+                    continue
+                rows[(name, c)].append(run(name, c))
+                print(f"{name} x{c} round {r}: {rows[(name, c)][-1]['tps']:.1f} tok/s",
+                      file=sys.stderr)  # fmt: skip
+
+
 def ours_server(folder: str, max_batch: int) -> Server:
     cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "-m", folder,
            "--max-batch", str(max_batch)]  # fmt: skip
@@ -236,16 +257,10 @@ def run_json(args: argparse.Namespace, prompts: list[str], clients: list[int], b
             server.wait_ready()
             for extra in runners.values():  # warm-up (the grammar's vocabulary is built once)
                 one_round(server, prompts[:2], 4, extra)
-            for r in range(args.rounds):
-                for c in clients:
-                    order = ("plain", "json") if (r + c) % 2 == 0 else ("json", "plain")
-                    for name in order:
-                        if time.monotonic() - began > args.budget:
-                            continue
-                        rows[(name, c)].append(one_round(server, prompts[:c], args.tokens,
-                                                         runners[name]))  # fmt: skip
-                        print(f"{name} x{c} round {r}: {rows[(name, c)][-1]['tps']:.1f} tok/s",
-                              file=sys.stderr)  # fmt: skip
+            alternate(
+                rows, ("plain", "json"), args, clients, began,
+                lambda name, c: one_round(server, prompts[:c], args.tokens, runners[name]),
+            )  # fmt: skip
         finally:
             server.stop()
     lines = [
@@ -320,37 +335,19 @@ def main() -> None:
         return run_json(args, prompts, clients, began, load)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_folder(Path(tmp) / "openelm-270M-random"))
-        py = sys.executable
         servers = {
-            "ours": Server(
-                "ours",
-                [
-                    py,
-                    "-m",
-                    "mlx_openelm.cli",
-                    "serve",
-                    "-m",
-                    folder,
-                    "--max-batch",
-                    str(max(clients)),
-                ],
-            ),  # fmt: skip
-            "mlx-lm": Server("mlx-lm", [py, "-m", "mlx_lm.server", "--model", folder]),
+            "ours": ours_server(folder, max(clients)),
+            "mlx-lm": Server("mlx-lm", [sys.executable, "-m", "mlx_lm.server", "--model", folder]),
         }
         try:
             for s in servers.values():
                 s.wait_ready()
             for s in servers.values():  # warm-up: first calls compile and allocate
                 one_round(s, prompts[:2], 4)
-            for r in range(args.rounds):
-                for c in clients:
-                    order = ("ours", "mlx-lm") if (r + c) % 2 == 0 else ("mlx-lm", "ours")
-                    for name in order:
-                        if time.monotonic() - began > args.budget:
-                            continue
-                        rows[(name, c)].append(one_round(servers[name], prompts[:c], args.tokens))
-                        print(f"{name} x{c} round {r}: {rows[(name, c)][-1]['tps']:.1f} tok/s",
-                              file=sys.stderr)  # fmt: skip
+            alternate(
+                rows, ("ours", "mlx-lm"), args, clients, began,
+                lambda name, c: one_round(servers[name], prompts[:c], args.tokens),
+            )  # fmt: skip
         finally:
             for s in servers.values():
                 s.stop()
