@@ -6,7 +6,8 @@
 2. every module of the installed package imports;
 3. ``mlx-openelm COMMAND --help`` works for every command and sub-command;
 4. end to end on a tiny generated Hugging Face checkpoint: convert -> generate -> lora (a few
-   steps) -> fuse -> serve one request through the real ``openai`` client.
+   steps) -> fuse -> serve a request through the real ``openai`` client, and one with a JSON
+   schema (``response_format``: the ``json`` extra's llguidance, as installed).
 
 The tiny tokenizer and weights come from the suite's own fixture helpers (``tests/spm_fixture.py``,
 ``tests/tiny.py``), imported from the source tree's ``tests/`` folder only: they hold no package
@@ -133,6 +134,19 @@ def serve_one_request(model: Path) -> None:
         if reply.usage.completion_tokens != 4 or not reply.choices:
             fail(f"serve answered {reply}")
         print(f"serve: {reply.usage.completion_tokens} tokens through the openai client")
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                  "required": ["ok"], "additionalProperties": False}  # fmt: skip
+        fmt = {"type": "json_schema", "json_schema": {"name": "smoke", "schema": schema}}
+        reply = client.completions.create(
+            model=model.name, prompt="hello", max_tokens=32, extra_body={"response_format": fmt}
+        )
+        try:
+            value = json.loads(reply.choices[0].text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or set(value) != {"ok"}:
+            fail(f"serve's structured output (the json extra) answered {reply}")
+        print(f"serve: structured output {reply.choices[0].text}")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
