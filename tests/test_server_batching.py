@@ -219,6 +219,41 @@ def test_a_waiting_client_that_gives_up_frees_its_place_at_once(loaded):
         stream.close()
 
 
+def test_a_job_the_batch_refuses_fails_alone_and_frees_its_place(loaded):
+    """A job mlx-lm's BatchGenerator refuses at insert (here an empty prompt, which the HTTP
+    layer never sends) gets a Failed event, leaves the engine's count and harms no one else:
+    before, it was lost between the queue and the batch and its client waited forever."""
+    import queue
+
+    from mlx_openelm.generate import GenerationOptions
+    from mlx_openelm.serve.engine import Engine
+    from mlx_openelm.serve.sequence import Failed, Finished, Job
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_queue=0, max_batch=2)
+    engine.start()
+    try:
+        events = {name: queue.Queue() for name in ("ok", "bad")}
+        ok = Job(ids=tok.encode("Once upon"), options=GenerationOptions(max_tokens=40),
+                 sink=events["ok"].put)  # fmt: skip
+        engine.submit(ok)
+        while not engine.busy:
+            time.sleep(0.005)
+        engine.submit(Job(ids=[], options=GenerationOptions(max_tokens=3), sink=events["bad"].put))
+        bad = events["bad"].get(timeout=20)
+        assert isinstance(bad, Failed) and "empty prompt" in str(bad.error)
+        last = None
+        while not isinstance(last, (Finished, Failed)):
+            last = events["ok"].get(timeout=60)
+        assert isinstance(last, Finished) and last.completion_tokens == 40  # it kept decoding
+        deadline = time.monotonic() + 20
+        while engine.pending:
+            assert time.monotonic() < deadline, engine.pending
+            time.sleep(0.005)
+    finally:
+        engine.stop()
+
+
 def test_n_above_one_is_400_and_the_batch_keeps_serving(url):
     client = _client(url)
     with pytest.raises(openai.BadRequestError) as e:

@@ -209,15 +209,22 @@ class Engine:
         except Exception as e:
             self._fail(job, e)
             return
-        cache, reused = self.prefix_cache.take(job.ids)
-        (uid,) = gen.insert(
-            [job.ids[reused:]],
-            max_tokens=[options.max_tokens],
-            caches=[cache],
-            all_tokens=[job.ids[:reused]],  # the processors see the whole context
-            samplers=[None if options.temp == 0 else options.sampler()],  # None: batched argmax
-            logits_processors=[processors],
-        )
+        try:
+            cache, reused = self.prefix_cache.take(job.ids)
+            (uid,) = gen.insert(
+                [job.ids[reused:]],
+                max_tokens=[options.max_tokens],
+                caches=[cache],
+                all_tokens=[job.ids[:reused]],  # the processors see the whole context
+                samplers=[None if options.temp == 0 else options.sampler()],  # None: argmax
+                logits_processors=[processors],
+            )
+        except ValueError as e:  # mlx-lm checks a sequence before it touches its state
+            self._fail(job, e)  # the job is in neither the queue nor the batch: tell it here
+            return
+        except Exception as e:
+            self._fail(job, e)
+            raise  # the generator's state is unknown: the loop fails the batch, starts afresh
         detokenizer = _for_mlx_lm(self.tokenizer).detokenizer
         self._running[uid] = Sequence(job, detokenizer, self._eos, reused)
 
