@@ -269,6 +269,14 @@ def render(part: str, rows: list[dict[str, Any]]) -> str:
             f"| {r['ppl_tps']:.3g} |\n"
             for r in rows
         )
+    if part == "numerics":
+        head = "| method | dtype | finite logits | mean KL | top-1 | convert s |\n"
+        head += "| --- | --- | --- | ---: | ---: | ---: |\n"
+        return head + "".join(
+            f"| {r['method']} | {r['dtype']} | {'yes' if r['finite'] else 'NO'} | {r['kl']:.3f} "
+            f"| {r['top1']:.1%} | {r['seconds']:.0f} |\n"
+            for r in rows
+        )
     if part == "270m":
         head = "| weights | MB | bits/weight | decode tok/s |\n| --- | ---: | ---: | ---: |\n"
         return head + "".join(
