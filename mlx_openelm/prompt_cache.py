@@ -31,6 +31,7 @@ from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cach
 
 from .errors import ServeError
 from .generate import make_cache
+from .jsonio import parse_json
 from .serve.schema import DEFAULT_CACHE_BYTES  # the server's default, kept with its others
 from .tokenizer import common_prefix_length
 
@@ -222,7 +223,9 @@ def load_prefix(path: str | Path, model: nn.Module) -> tuple[list[KVCache], list
             f"{where} does not list the tokens it holds (mlx_lm.cache_prompt does not record "
             "them); delete it and pass --cache-system-prompt TEXT to build one"
         )
-    tokens = json.loads(metadata["tokens"])
+    tokens = parse_json(metadata["tokens"], where, ServeError, "delete it to rebuild", list)
+    if not all(type(t) is int for t in tokens):
+        raise ServeError(f"{where}: its token list holds non-integers; delete it to rebuild")
     shapes = [[int(c.keys.shape[1]), int(c.keys.shape[3])] for c in cache if c.keys is not None]
     ours = _layer_shapes(model)
     if shapes != ours or not all(type(c) is KVCache for c in cache):

@@ -365,6 +365,14 @@ def test_prompt_cache_file_errors(loaded, tmp_path, tiny_spm):
     (tmp_path / "junk").write_text("not a cache")
     with pytest.raises(ServeError, match="is not a prompt cache file"):
         create_app(model, tok, "t", ServerSettings(prompt_cache_file=str(tmp_path / "junk")))
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    cache, meta = load_prompt_cache(str(path), return_metadata=True)
+    for tokens, message in (("[1, 2", "malformed JSON"), ('["a"]', "holds non-integers")):
+        damaged = tmp_path / "damaged.safetensors"
+        save_prompt_cache(str(damaged), cache, {**meta, "tokens": tokens})
+        with pytest.raises(ServeError, match=message):
+            create_app(other_model, tok, "t", ServerSettings(prompt_cache_file=str(damaged)))
 
 
 def test_cli_prompt_cache_file_from_another_model_is_one_line(tiny_model_dir, tmp_path, tiny_spm):
