@@ -9,7 +9,8 @@ Parts (``--part``), each printing a markdown table and saving its rows to ``--js
   agreement on the same tokens, size on disk, bits per weight, decode tok/s.
 - ``methods``: RTN and each learned method (``gptq``, ``awq``, ``dwq``, ``dynamic`` at the same
   bits per weight as RTN g64) at 2, 3 and 4 bits, calibrated on ``--samples`` windows of
-  ``train.jsonl`` (never the held-out text), side by side.
+  ``train.jsonl`` (never the held-out text), side by side, with mlx-lm's own ``gptq_quantize``
+  as it ships (``mlx-lm-gptq``, in memory) beside ours.
 - ``speed``: decode and perplexity tok/s of 4-bit folders both ways (dequantized to float32 at
   load, the CPU default, vs MLX's quantized kernels), next to float32, for the trained
   checkpoint and the 270M shape (random weights: speed and size only mean something there).
@@ -61,14 +62,15 @@ def log_probs(model: Any, window: list[int]) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def quality(ref: list[mx.array], model: Any, windows: list[list[int]]) -> dict[str, float]:
+def quality(ref: Any, model: Any, windows: list[list[int]]) -> dict[str, float]:
     """Perplexities, mean KL(ref || model) and top-1 agreement over the windows.
 
-    ``ref``: the float model's log-probabilities of each window, computed once.
+    ``ref``: the float model, run window by window beside ``model`` (holding its log-probs for
+    128 windows would take 4 GB).
     """
     nll_p = nll_q = kl = agree = n = 0.0
-    for w, lp in zip(windows, ref):
-        lq = log_probs(model, w)
+    for w in windows:
+        lp, lq = log_probs(ref, w), log_probs(model, w)
         t = mx.array(w[1:])[:, None]
         nll_p += -mx.take_along_axis(lp[:-1], t, axis=-1).sum().item()
         nll_q += -mx.take_along_axis(lq[:-1], t, axis=-1).sum().item()
@@ -82,11 +84,11 @@ def quality(ref: list[mx.array], model: Any, windows: list[list[int]]) -> dict[s
 
 
 def decode_tps(model: Any, tok: Tokenizer, tokens: int = 32) -> float:
-    from mlx_openelm.bench import _no_eos
+    from mlx_openelm.bench import no_eos
 
     prompt = tok.encode("KING. What say you, my lord?")
     last = None
-    for r in mlx_openelm.stream_generate(model, _no_eos(tok), prompt, tokens, temp=0.0):
+    for r in mlx_openelm.stream_generate(model, no_eos(tok), prompt, tokens, temp=0.0):
         last = r
     return last.generation_tps
 
@@ -108,9 +110,7 @@ class Bench:
         self.tok = Tokenizer(opts.tokenizer)
         self.windows = eval_windows(opts.valid, self.tok, opts.windows, opts.seq_len)
         self.float_dir = self.convert("float32", dtype="float32")
-        ref, _ = load(self.float_dir, tokenizer=opts.tokenizer)
-        self.ref = [log_probs(ref, w) for w in self.windows]
-        mx.eval(self.ref)
+        self.ref, _ = load(self.float_dir, tokenizer=opts.tokenizer)
 
     def convert(self, name: str, source: Path | None = None, **kw: Any) -> Path:
         out = self.work / name
@@ -126,6 +126,37 @@ class Bench:
         out = {"label": label, "mb": folder_mb(folder), **extra,
                **quality(self.ref, model, self.windows), "decode": decode_tps(model, self.tok, 16),
                "method": config.get("converted_by", {}).get("method")}  # fmt: skip
+        print(json.dumps(out), flush=True)
+        return out
+
+    def mlx_lm_gptq_row(self, bits: int) -> dict[str, Any]:
+        """mlx-lm's own ``gptq_quantize`` on our model, as mlx-lm ships it (the tied head rounded
+        to nearest, min/max grids), in memory: the peer our ``--method gptq`` is measured against.
+        Scales and biases are cast to float16 as a folder stores them."""
+        import mlx.nn as nn
+        import mlx_lm.quant.gptq as theirs
+
+        from mlx_openelm.convert.calibration import calibration_windows
+        from mlx_openelm.convert.learned import _DequantEmbedding, _DequantLinear, _swap, pack_codes
+
+        model, _ = load(self.float_dir, tokenizer=self.opts.tokenizer)
+        data = calibration_windows(self.opts.calibration, self.tok, model.args.vocab_size,
+                                   self.opts.samples)  # fmt: skip
+        packer, theirs.quantize = theirs.quantize, pack_codes  # theirs packs 2, 4, 8 bits only
+        start = time.perf_counter()
+        try:
+            theirs.gptq_quantize(model, data, bits, 64, bits, 64, batch_size=4)
+        finally:
+            theirs.quantize = packer
+        seconds = time.perf_counter() - start
+        _swap(model, {nn.QuantizedLinear: _DequantLinear, nn.QuantizedEmbedding: _DequantEmbedding})
+        for m in _dequant_layers(model):
+            m.scales, m.biases = (
+                a.astype(mx.float16).astype(mx.float32) for a in (m.scales, m.biases)
+            )
+        out = {"label": f"{bits}-bit gptq, mlx-lm as is", "mb": None, "bpw": bits + 0.5,
+               **quality(self.ref, model, self.windows), "seconds": seconds,
+               "method": "mlx-lm"}  # fmt: skip
         print(json.dumps(out), flush=True)
         return out
 
@@ -152,11 +183,24 @@ def part_methods(b: Bench) -> list[dict[str, Any]]:
                 kw.update(bits_per_weight=bits + 0.5, **learned)
             if method != "rtn":
                 kw.update(method=method, **learned)
+            if method == "mlx-lm-gptq":
+                rows.append(b.mlx_lm_gptq_row(bits))
+                continue
             start = time.perf_counter()
             folder = b.convert(f"{method}{bits}", **kw)
             seconds = time.perf_counter() - start
             rows.append(b.row(f"{bits}-bit {method}", folder, bpw=_bpw(folder), seconds=seconds))
     return rows
+
+
+def _dequant_layers(model: Any) -> list[Any]:
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.convert.learned import _DequantLinear
+
+    modules = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return [m for _, m in modules if isinstance(m, _DequantLinear)]
 
 
 def _bpw(folder: Path) -> float | None:
@@ -243,7 +287,7 @@ def _random_3b_slice(work: Path) -> Path:
 def part_numerics(b: Bench) -> list[dict[str, Any]]:
     """Every method on 3B-shaped weights: the probe (bfloat16, 3B's default) must stay finite."""
     src, rows = _random_3b_slice(b.work), []
-    for method in b.opts.methods:
+    for method in (m for m in b.opts.methods if m != "mlx-lm-gptq"):
         kw: dict[str, Any] = {"quantize": True, "bits": 4, "group_size": 64, "method": method}
         if method != "rtn":
             kw["calibration_samples"] = 8
@@ -288,7 +332,8 @@ def render(part: str, rows: list[dict[str, Any]]) -> str:
     head += " convert s |\n" if extra else "\n"
     head += "| --- |" + " ---: |" * (7 if extra else 6) + "\n"
     return head + "".join(
-        f"| {r['label']} | {r['mb']:.2f} | {r['bpw'] or 32:.2f} | {r['ppl']:.2f} | "
+        f"| {r['label']} | {'—' if r['mb'] is None else format(r['mb'], '.2f')} "
+        f"| {r['bpw'] or 32:.2f} | {r['ppl']:.2f} | "
         f"{r['dppl']:+.2%} | {r['kl']:.4f} | {r['top1']:.1%} |"
         + (f" {r['seconds']:.0f} |" if extra else "")
         + "\n"
@@ -307,11 +352,12 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     p.add_argument("--valid", type=Path, default=VALID)
     p.add_argument("--calibration", type=Path, default=TRAIN)
-    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--windows", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=128)
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "dwq", "dynamic"])
+    p.add_argument("--methods", nargs="+",
+                   default=["rtn", "mlx-lm-gptq", "gptq", "awq", "dwq", "dynamic"])  # fmt: skip
     p.add_argument("--skip-270m", action="store_true")
     p.add_argument("--work", type=Path, default=None, help="Keep converted folders here.")
     p.add_argument("--json", type=Path, default=None)

@@ -3,11 +3,11 @@
 Round-to-nearest (``rtn``, ``convert.quantize``) streams tensor by tensor. The learned methods
 need the float model in memory (float32) and calibration windows (``convert.calibration``):
 
-- ``gptq``: mlx-lm's ``gptq_quantize`` (Hessians from the calibration activations, column-wise
-  error feedback) on every linear layer and on the tied output head (as a linear layer over the
-  final hidden states; the embedding lookup reuses its codes: mlx-lm would round it). mlx-lm packs
-  only 2, 4 and 8 bits; :func:`pack_codes` packs any MLX width (MLX's layout is a plain LSB-first
-  bit stream over each row), so 3 and 6 bits work too.
+- ``gptq``: our GPTQ (``convert.gptq``: mlx-lm's ``gptq_quantize`` rebuilt with clipped,
+  float16-exact group grids and blocked updates; why there) on every linear layer and on the
+  tied output head (as a linear layer over the final hidden states; the embedding lookup reuses
+  its codes: mlx-lm would round it). :func:`pack_codes` packs any MLX width (MLX's layout is a
+  plain LSB-first bit stream over each row), so 3 and 6 bits work too (mlx-lm packs 2, 4, 8).
 - ``awq``: mlx-lm's ``awq_quantize`` with an OpenELM entry (:data:`OPENELM_AWQ`): activation-aware
   scales for ``qkv_proj`` (folded into ``attn_norm``) and ``proj_1`` (into ``ffn_norm``), and the
   clipping search on ``out_proj``, ``proj_1``, ``proj_2``. ``out_proj`` and ``proj_2`` are not
@@ -15,7 +15,8 @@ need the float model in memory (float32) and calibration windows (``convert.cali
   shared by several query heads under GQA; the ``up`` half of ``proj_1``), which mlx-lm's
   ``apply_scale`` cannot fold into.
 - ``dwq``: mlx-lm's ``dwq_quantize`` — distils the float model into the quantized one, learning
-  only the scales and biases (everything else frozen), KL loss at temperature 2.
+  only the scales and biases (everything else frozen), KL loss at temperature 2; the quantized
+  model it starts from is our GPTQ's.
 - ``dynamic``: mlx-lm's ``estimate_sensitivities`` (the gradient of the KL to the float model
   along each layer's low-to-high quantization step), then the most sensitive layers per
   parameter get the higher width until ``bits_per_weight`` is reached.
@@ -25,7 +26,6 @@ Nothing is written here: the caller writes the folder atomically, so Ctrl-C leav
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,18 +72,6 @@ def pack_codes(w: mx.array, bits: int, scales: mx.array, biases: mx.array) -> mx
     return (words << mx.arange(32, dtype=mx.uint32)).sum(axis=-1).astype(mx.uint32)
 
 
-@contextlib.contextmanager
-def _gptq_any_width() -> Iterator[None]:
-    import mlx_lm.quant.gptq as gptq
-
-    original = gptq.quantize
-    gptq.quantize = pack_codes  # mlx-lm's packer asserts bits in {2, 4, 8}
-    try:
-        yield
-    finally:
-        gptq.quantize = original
-
-
 def check_method(method: str, bits: int, bits_per_weight: float | None, group_size: int) -> None:
     """Raise ConfigError for an unknown method or a combination that cannot work."""
     if method not in METHODS:
@@ -117,6 +105,7 @@ def learn_quantization(
     group_size: int,
     quantize_embedding: bool = True,
     bits_per_weight: float | None = None,
+    scale_dtype: mx.Dtype = mx.float16,
 ) -> Model:
     """Quantize the float ``model`` in place with a learned ``method`` and return it.
 
@@ -124,11 +113,13 @@ def learn_quantization(
         data: calibration windows, (samples, seq_len) token ids.
         quantize_embedding: False keeps the tied embedding / head in float.
         bits_per_weight: the budget of ``dynamic`` (scales and biases included).
+        scale_dtype: the dtype the folder stores scales and biases in; GPTQ rounds on grids
+            exact in it.
     """
     _check_widths(model, group_size)
     embedding = model.transformer.token_embeddings
     if method == "gptq":
-        _gptq(model, data, bits, group_size)
+        _gptq(model, data, bits, group_size, quantize_embedding, scale_dtype)
     elif method == "awq":
         from mlx_lm.quant.awq import awq_quantize
 
@@ -136,7 +127,7 @@ def learn_quantization(
         awq_quantize(view, data, _openelm_awq(), group_size, bits, group_size, bits)
         _strip_features(model)
     elif method == "dwq":
-        _dwq(model, data, bits, group_size)
+        _dwq(model, data, bits, group_size, quantize_embedding, scale_dtype)
     elif method == "dynamic":
         _dynamic(model, data, group_size, bits_per_weight, quantize_embedding)
     else:
@@ -177,19 +168,45 @@ class _HeadView(nn.Module):
         return self.head(self.transformer(ids))
 
 
-def _gptq(model: Model, data: mx.array, bits: int, group_size: int) -> None:
-    from mlx_lm.quant.gptq import gptq_quantize
+def _gptq(
+    model: Model,
+    data: mx.array,
+    bits: int,
+    group_size: int,
+    quantize_embedding: bool = True,
+    scale_dtype: mx.Dtype = mx.float16,
+) -> None:
+    """Our GPTQ (``convert.gptq``) on every linear layer and, tied, on the output head."""
+    from tqdm import tqdm
 
-    tied = model.args.share_input_output_layers
+    from .gptq import collect_hessians, gptq_weight
+
+    tied = model.args.share_input_output_layers and quantize_embedding
     target = _HeadView(model) if tied else model
-    with _gptq_any_width():
-        gptq_quantize(target, data, bits, group_size, bits, group_size, batch_size=BATCH_SIZE)
-    if tied:
-        head = target.head  # now a QuantizedLinear; the embedding got round-to-nearest
+    batches = -(-data.shape[0] // BATCH_SIZE)
+    with tqdm(total=batches, desc="GPTQ Hessians", leave=False) as bar:
+        hessians = collect_hessians(target, data, BATCH_SIZE, on_batch=bar.update)
+    swaps = []
+    for path, (linear, H) in tqdm(hessians.items(), desc="GPTQ layers", leave=False):
+        if not quantize_embedding and is_embedding(path):
+            continue
+        w, scales, biases = gptq_weight(linear.weight, H, bits, group_size, scale_dtype)
+        q = nn.QuantizedLinear(*linear.weight.shape[::-1], bias="bias" in linear,
+                               group_size=group_size, bits=bits)  # fmt: skip
+        q.weight, q.scales, q.biases = pack_codes(w, bits, scales, biases), scales, biases
+        if "bias" in linear:
+            q.bias = linear.bias
+        swaps.append((path, q))
+    target.update_modules(tree_unflatten(swaps))
+    if tied:  # the embedding lookup reuses the head's codes
+        head = target.head
         emb = nn.QuantizedEmbedding(head.weight.shape[0], head.weight.shape[1] * 32 // bits,
                                     group_size=group_size, bits=bits)  # fmt: skip
         emb.weight, emb.scales, emb.biases = head.weight, head.scales, head.biases
         model.transformer.token_embeddings = emb
+    elif quantize_embedding:  # an untied embedding has no Hessian of its own: round to nearest
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda p, m: isinstance(m, nn.Embedding))  # fmt: skip
 
 
 class _AWQView(nn.Module):
@@ -209,7 +226,16 @@ def _strip_features(model: Model) -> None:
         m.pop("input_feat", None)
 
 
-def _dwq(model: Model, data: mx.array, bits: int, group_size: int) -> None:
+def _dwq(
+    model: Model,
+    data: mx.array,
+    bits: int,
+    group_size: int,
+    quantize_embedding: bool = True,
+    scale_dtype: mx.Dtype = mx.float16,
+) -> None:
+    """mlx-lm's DWQ, started from our GPTQ result (mlx-lm's DWQ starts from any quantized
+    model; from GPTQ it ends lower than from round-to-nearest: RESULTS.md, *Quantization*)."""
     import copy
 
     import mlx.optimizers as optim
@@ -217,7 +243,7 @@ def _dwq(model: Model, data: mx.array, bits: int, group_size: int) -> None:
 
     teacher = copy.deepcopy(model)
     teacher.freeze()
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable)
+    _gptq(model, data, bits, group_size, quantize_embedding, scale_dtype)
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     if on_cpu:  # MLX's quantized matmul (and its gradient) is ~50x slower there than BLAS
         _swap(model, {nn.QuantizedLinear: _DequantLinear, nn.QuantizedEmbedding: _DequantEmbedding})

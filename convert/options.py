@@ -94,7 +94,7 @@ class QuantOptions:
         model = learn_quantization(
             _float_model(args, tensors), self.method, data, bits=self.bits,
             group_size=self.group_size, quantize_embedding=self.quantize_embedding,
-            bits_per_weight=self.bits_per_weight,
+            bits_per_weight=self.bits_per_weight, scale_dtype=dtype,
         )  # fmt: skip
         out = _reported(list(model_tensors(model, dtype)), on_write)
         return out, quantization_config(model), model_bits_per_weight(model)
