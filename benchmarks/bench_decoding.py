@@ -137,6 +137,56 @@ def bench_model(folder: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def hf_candidates(ids: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Hugging Face's PromptLookupCandidateGenerator rule: the earliest occurrence of the
+    longest suffix n-gram whose continuation is non-empty, cut at the end of the text."""
+    for n in range(max_ngram, 0, -1):
+        suffix = ids[-n:]
+        for i in range(len(ids) - n):
+            if ids[i : i + n] == suffix:
+                return ids[i + n : i + n + num_tokens]
+    return []
+
+
+def simulate(propose, ids: list[int], gen: list[int], width_max: int) -> tuple[float, float]:
+    """Tokens per forward pass and acceptance of a proposer replayed on a fixed greedy output
+    (our adaptive width, no back-off): what each rule would have verified, with no timing."""
+    known, t, passes, accepted, proposed, width = list(ids), 0, 0, 0, 0, width_max
+    while t < len(gen):
+        cands = propose(known, min(width, len(gen) - t - 1))
+        a = 0
+        while a < len(cands) and cands[a] == gen[t + a]:
+            a += 1
+        known += gen[t : t + a + 1]
+        t, passes, accepted, proposed = t + a + 1, passes + 1, accepted + a, proposed + len(cands)
+        if cands:
+            width = min(width + 2, width_max) if a == len(cands) else max(width - 1, 1)
+    return len(gen) / passes, accepted / max(proposed, 1)
+
+
+def rules_table(name: str, folder: Path, args: argparse.Namespace) -> str:
+    """Hugging Face's candidate rule vs ours on the same greedy outputs, per prompt and N."""
+    from mlx_openelm.lookup import NGramIndex
+
+    model, tok = mlx_openelm.load(folder)
+    wrapper = no_eos(tok.to_mlx_lm())
+    rules = {
+        "Hugging Face (earliest)": lambda known, k: hf_candidates(known, k, 2),
+        "ours (latest, LZ77 copy)": lambda known, k: NGramIndex(known, 2).propose(k),
+    }
+    lines = [f"**{name}** ({args.tokens} greedy tokens, max n-gram 2)", "",
+             "| prompt | N | " + " | ".join(f"{r}: tokens/pass, accepted" for r in rules) + " |",
+             "|---|---:|" + "---:|" * len(rules)]  # fmt: skip
+    for kind, text in prompts(args.chars).items():
+        ids = tok.encode(text, add_bos=True)
+        gen = [r.token for r in mlx_openelm.stream_generate(model, wrapper, ids, args.tokens)]
+        for n in args.lookup:
+            cells = [simulate(rule, ids, gen, n) for rule in rules.values()]
+            lines.append(f"| {kind} | {n} | " + " | ".join(f"{p:.2f}, {a:.0%}" for p, a in cells)
+                         + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(name: str, result: dict, tokens: int) -> str:
     lines = [
         f"**{name}** ({tokens} tokens per run)",
@@ -168,6 +218,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lookup", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--write", action="store_true", help="replace ## Decoding in RESULTS.md")
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="only compare candidate rules on fixed greedy outputs (no timing)",
+    )
     args = parser.parse_args()
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,10 +231,15 @@ def main() -> None:
                 folder, n = trained_folder(Path(tmp)), args.tokens
             else:
                 folder, n = random_folder(Path(tmp), name), args.tokens_270m
-            result = bench_model(folder, argparse.Namespace(**{**vars(args), "tokens": n}))
+            opts = argparse.Namespace(**{**vars(args), "tokens": n})
+            if args.rules:
+                tables.append(rules_table(name, folder, opts))
+                print(tables[-1], flush=True)
+                continue
+            result = bench_model(folder, opts)
             tables.append(table(name, result, n))
             print(tables[-1], flush=True)
-    if args.write:
+    if args.write and not args.rules:
         body = machine_line() + "\n\n" + "\n\n".join(tables) + "\n"
         RESULTS.write_text(replace_section(RESULTS.read_text(), "Decoding", body))
 

@@ -33,24 +33,38 @@ def model64() -> Model:
     return tiny_model(64)
 
 
-def hf_candidates(ids: list[int], num_tokens: int, max_ngram: int) -> list[int]:
-    """Hugging Face's PromptLookupCandidateGenerator.get_candidates, as a plain scan."""
-    for n in range(max_ngram, 0, -1):
+def scan_candidates(ids: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Our rule as a plain scan: the longest suffix n-gram with an earlier occurrence (one that
+    ends before the suffix does), its latest such occurrence, and what followed it, repeated
+    with the period of the match when it runs into the present."""
+    for n in range(min(max_ngram, len(ids) - 1), 0, -1):
         suffix = ids[-n:]
-        for i in range(len(ids) - n + 1):  # every window, the suffix itself included
-            if len(ids) >= n and ids[i : i + n] == suffix:
-                start, end = i + n, min(i + n + num_tokens, len(ids))
-                if start < end:
-                    return ids[start:end]
+        for i in range(len(ids) - n - 1, -1, -1):  # latest first, the suffix itself excluded
+            if ids[i : i + n] == suffix:
+                copied = list(ids)
+                for j in range(num_tokens):  # an LZ77 copy: may read what it just wrote
+                    copied.append(copied[i + n + j])
+                return copied[len(ids) :]
     return []
 
 
-def test_candidates_match_hugging_face_rule():
+def test_candidates_match_a_plain_scan_of_the_rule():
     rng = np.random.default_rng(0)
     for _ in range(300):
         ids = rng.integers(0, 6, size=int(rng.integers(1, 40))).tolist()
         for max_ngram, n in ((1, 3), (2, 10), (3, 5)):
-            assert NGramIndex(ids, max_ngram).propose(n) == hf_candidates(ids, n, max_ngram), ids
+            assert NGramIndex(ids, max_ngram).propose(n) == scan_candidates(ids, n, max_ngram), ids
+    index = NGramIndex([], 2)
+    for t in rng.integers(0, 4, size=200).tolist():  # incremental == rebuilt from scratch
+        index.append(t)
+        assert index.propose(4) == scan_candidates(index.tokens, 4, 2)
+
+
+def test_candidates_follow_the_latest_occurrence_and_repeat_a_loop():
+    ids = [3, 4, 8, 1, 3, 4, 5, 6, 9, 3, 4]  # "3 4" at 0 (-> 8) and at 4 (-> 5 6 9): latest
+    assert NGramIndex(ids, 2).propose(3) == [5, 6, 9]
+    assert NGramIndex([1, 7, 7, 7], 2).propose(5) == [7, 7, 7, 7, 7]  # period 1, not one token
+    assert NGramIndex([1, 2, 5, 1, 2], 2).propose(6) == [5, 1, 2, 5, 1, 2]  # period 3
 
 
 def test_candidates_prefer_the_longest_ngram():
