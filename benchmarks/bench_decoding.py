@@ -148,10 +148,15 @@ def hf_candidates(ids: list[int], num_tokens: int, max_ngram: int) -> list[int]:
     return []
 
 
-def simulate(propose, ids: list[int], gen: list[int], width_max: int) -> tuple[float, float]:
-    """Tokens per forward pass and acceptance of a proposer replayed on a fixed greedy output
-    (our adaptive width, no back-off): what each rule would have verified, with no timing."""
+VERIFY_COST = (1.39, 0.15)  # a verification of k candidates, in pipelined plain steps: a + b·k
+
+
+def simulate(propose, ids: list[int], gen: list[int], width_max: int) -> tuple[float, ...]:
+    """Tokens per forward pass, acceptance and modelled speed-up (``VERIFY_COST``, measured with
+    ``--verify-cost``) of a proposer replayed on a fixed greedy output (our adaptive width, no
+    back-off): what each rule would have verified, with no timing."""
     known, t, passes, accepted, proposed, width = list(ids), 0, 0, 0, 0, width_max
+    cost = 0.0
     while t < len(gen):
         cands = propose(known, min(width, len(gen) - t - 1))
         a = 0
@@ -159,9 +164,38 @@ def simulate(propose, ids: list[int], gen: list[int], width_max: int) -> tuple[f
             a += 1
         known += gen[t : t + a + 1]
         t, passes, accepted, proposed = t + a + 1, passes + 1, accepted + a, proposed + len(cands)
+        cost += VERIFY_COST[0] + VERIFY_COST[1] * len(cands) if cands else 1.0
         if cands:
             width = min(width + 2, width_max) if a == len(cands) else max(width - 1, 1)
-    return len(gen) / passes, accepted / max(proposed, 1)
+    return len(gen) / passes, accepted / max(proposed, 1), len(gen) / cost
+
+
+def verify_cost(folder: Path, widths: tuple[int, ...] = (0, 2, 5, 10)) -> str:
+    """Median wall time of one verification (``model([last] + k)``, then reading the argmax) by
+    k, beside a plain step of mlx-lm's pipelined loop (its tok/s over 128 tokens)."""
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = mlx_openelm.load(folder)
+    ids = mx.array([tok.encode(prompts(900)["quote"], add_bos=True)])
+    lines = ["| candidates k | verification ms |", "|---:|---:|"]
+    for k in widths:
+        cache = make_prompt_cache(model)
+        model(ids, cache=cache)
+        mx.eval([c.state for c in cache])
+        x, times = mx.array([[5] * (k + 1)]), []
+        for _ in range(60):
+            tic = time.perf_counter()
+            mx.argmax(model(x, cache=cache), axis=-1).tolist()
+            times.append(time.perf_counter() - tic)
+            for c in cache:
+                c.trim(k + 1)
+        lines.append(f"| {k} | {statistics.median(times) * 1e3:.2f} |")
+    theirs, their_tok = mlx_lm.load(str(folder))
+    runs = [timed(mlx_lm.stream_generate, theirs, no_eos(their_tok), ids[0].tolist(), 128)
+            for _ in range(3)]  # fmt: skip
+    lines.append(f"\nmlx-lm plain step: {1e3 / max(r['tps'] for r in runs):.2f} ms (best of 3)")
+    return "\n".join(lines)
 
 
 def rules_table(name: str, folder: Path, args: argparse.Namespace) -> str:
@@ -175,15 +209,16 @@ def rules_table(name: str, folder: Path, args: argparse.Namespace) -> str:
         "ours (latest, LZ77 copy)": lambda known, k: NGramIndex(known, 2).propose(k),
     }
     lines = [f"**{name}** ({args.tokens} greedy tokens, max n-gram 2)", "",
-             "| prompt | N | " + " | ".join(f"{r}: tokens/pass, accepted" for r in rules) + " |",
+             "| prompt | N | " + " | ".join(f"{r}: tokens/pass, accepted, modelled speed-up"
+                                            for r in rules) + " |",
              "|---|---:|" + "---:|" * len(rules)]  # fmt: skip
     for kind, text in prompts(args.chars).items():
         ids = tok.encode(text, add_bos=True)
         gen = [r.token for r in mlx_openelm.stream_generate(model, wrapper, ids, args.tokens)]
         for n in args.lookup:
             cells = [simulate(rule, ids, gen, n) for rule in rules.values()]
-            lines.append(f"| {kind} | {n} | " + " | ".join(f"{p:.2f}, {a:.0%}" for p, a in cells)
-                         + " |")  # fmt: skip
+            lines.append(f"| {kind} | {n} | " + " | ".join(
+                f"{p:.2f}, {a:.0%}, {x:.2f}x" for p, a, x in cells) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -223,6 +258,9 @@ def main() -> None:
         action="store_true",
         help="only compare candidate rules on fixed greedy outputs (no timing)",
     )
+    parser.add_argument(
+        "--verify-cost", action="store_true", help="only time one verification by candidates"
+    )
     args = parser.parse_args()
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +270,10 @@ def main() -> None:
             else:
                 folder, n = random_folder(Path(tmp), name), args.tokens_270m
             opts = argparse.Namespace(**{**vars(args), "tokens": n})
+            if args.verify_cost:
+                tables.append(f"**{name}**\n\n" + verify_cost(folder))
+                print(tables[-1], flush=True)
+                continue
             if args.rules:
                 tables.append(rules_table(name, folder, opts))
                 print(tables[-1], flush=True)
@@ -239,7 +281,7 @@ def main() -> None:
             result = bench_model(folder, opts)
             tables.append(table(name, result, n))
             print(tables[-1], flush=True)
-    if args.write and not args.rules:
+    if args.write and not (args.rules or args.verify_cost):
         body = machine_line() + "\n\n" + "\n\n".join(tables) + "\n"
         RESULTS.write_text(replace_section(RESULTS.read_text(), "Decoding", body))
 

@@ -26,6 +26,7 @@ Nothing is written here: the caller writes the folder atomically, so Ctrl-C leav
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_openelm.choices import QuantMethod, values
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import ConfigError, OpenELMWarning
 from mlx_openelm.model import Model
 
 from .quantize import BITS, MODE, is_embedding
@@ -250,6 +251,9 @@ def _dwq(
     model.freeze()  # dwq_quantize unfreezes the scales and biases only
     rows = [(row, 0) for row in data.tolist()]  # (tokens, prompt offset)
     valid, train = rows[-BATCH_SIZE:], rows[:-BATCH_SIZE] * DWQ_EPOCHS
+    start = [(m, m.scales, m.biases) for m in _grids(model)]
+    held_out = data[-BATCH_SIZE:]
+    before = _kl_to(teacher, model, held_out)
     dwq_quantize(
         model,
         lambda batch, i, split: mx.stop_gradient(teacher(batch)),
@@ -261,8 +265,32 @@ def _dwq(
         seed=0,
         dtype=mx.float32,
     )
+    model.eval()
+    after = _kl_to(teacher, model, held_out)
+    if not after <= before:  # distillation made it worse (or NaN): keep the GPTQ start
+        for m, scales, biases in start:
+            m.scales, m.biases = scales, biases
+        warnings.warn(
+            f"DWQ raised the held-out KL to the float model from {before:.4g} to {after:.4g}; "
+            "kept its GPTQ start (more --calibration-samples usually helps)",
+            OpenELMWarning,
+            stacklevel=2,
+        )
     if on_cpu:
         _swap(model, {_DequantLinear: nn.QuantizedLinear, _DequantEmbedding: nn.QuantizedEmbedding})
+
+
+def _grids(model: nn.Module) -> list[nn.Module]:
+    """The modules holding quantization scales and biases."""
+    modules = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return [m for _, m in modules if "scales" in m]
+
+
+def _kl_to(teacher: nn.Module, student: nn.Module, ids: mx.array) -> float:
+    """Mean KL(teacher ‖ student) per token of the next-token distributions on ``ids``."""
+    p = nn.log_softmax(teacher(ids).astype(mx.float32), axis=-1)
+    q = nn.log_softmax(student(ids).astype(mx.float32), axis=-1)
+    return (mx.exp(p) * (p - q)).sum(-1).mean().item()
 
 
 class _DequantLinear(nn.Module):

@@ -88,6 +88,24 @@ def test_dwq_beats_round_to_nearest_on_its_calibration_text(tmp_path, tiny_spm, 
     assert kl["dwq"] < kl["rtn"], kl
 
 
+def test_dwq_that_makes_things_worse_keeps_its_gptq_start(tmp_path, tiny_spm, source, monkeypatch):
+    import mlx_openelm.convert.learned as learned
+    from mlx_openelm.errors import OpenELMWarning
+
+    folder, calib = source
+    kw = {"bits": 3, "group_size": 32, "calibration": calib, "calibration_samples": 6,
+          "tokenizer": tiny_spm, "quality": False}  # fmt: skip
+    convert(folder, tmp_path / "gptq", method="gptq", **kw)
+    monkeypatch.setattr(learned, "DWQ_LEARNING_RATE", 10.0)  # Adam at lr 10 wrecks the grids
+    with pytest.warns(OpenELMWarning, match="kept its GPTQ start"):
+        convert(folder, tmp_path / "dwq", method="dwq", **kw)
+    gptq = mx.load(str(tmp_path / "gptq" / "model.safetensors"))
+    dwq = mx.load(str(tmp_path / "dwq" / "model.safetensors"))
+    assert gptq.keys() == dwq.keys()
+    for name in gptq:
+        assert mx.array_equal(gptq[name], dwq[name]).item(), name
+
+
 def test_gptq_beats_round_to_nearest_on_held_out_text_of_the_trained_model(
     tmp_path, llama2_tokenizer
 ):
