@@ -21,6 +21,11 @@ other processes barely move it),
 tokens per forward pass (``generated / (generated - accepted)``) and the share of proposed
 candidates accepted.
 
+Two modes without the side-by-side timing: ``--rules`` replays Hugging Face's candidate rule
+and ours on the same fixed greedy outputs (tokens per pass, acceptance, and a speed-up modelled
+with ``VERIFY_COST``); ``--verify-cost`` times one verification by number of candidates, beside
+a plain step of mlx-lm's loop (where ``VERIFY_COST`` comes from).
+
 Not measured: a 270M model drafting for a bigger one. No trained OpenELM larger than the tiny
 one is available offline, and random weights would accept nothing of each other's drafts.
 
