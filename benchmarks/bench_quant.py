@@ -137,7 +137,13 @@ class Bench:
         import mlx_lm.quant.gptq as theirs
 
         from mlx_openelm.convert.calibration import calibration_windows
-        from mlx_openelm.convert.learned import _DequantEmbedding, _DequantLinear, _swap, pack_codes
+        from mlx_openelm.convert.learned import (
+            _DequantEmbedding,
+            _DequantLinear,
+            _grids,
+            _swap,
+            pack_codes,
+        )
 
         model, _ = load(self.float_dir, tokenizer=self.opts.tokenizer)
         data = calibration_windows(self.opts.calibration, self.tok, model.args.vocab_size,
@@ -150,7 +156,7 @@ class Bench:
             theirs.quantize = packer
         seconds = time.perf_counter() - start
         _swap(model, {nn.QuantizedLinear: _DequantLinear, nn.QuantizedEmbedding: _DequantEmbedding})
-        for m in _dequant_layers(model):
+        for m in _grids(model):
             m.scales, m.biases = (
                 a.astype(mx.float16).astype(mx.float32) for a in (m.scales, m.biases)
             )
@@ -191,16 +197,6 @@ def part_methods(b: Bench) -> list[dict[str, Any]]:
             seconds = time.perf_counter() - start
             rows.append(b.row(f"{bits}-bit {method}", folder, bpw=_bpw(folder), seconds=seconds))
     return rows
-
-
-def _dequant_layers(model: Any) -> list[Any]:
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from mlx_openelm.convert.learned import _DequantLinear
-
-    modules = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-    return [m for _, m in modules if isinstance(m, _DequantLinear)]
 
 
 def _bpw(folder: Path) -> float | None:
