@@ -88,7 +88,17 @@ PromptLookupOpt = Annotated[
 ]
 LookupNgramOpt = Annotated[
     int,
-    typer.Option("--prompt-lookup-ngram", help="Longest n-gram prompt lookup matches (HF: 2)."),
+    typer.Option(
+        "--prompt-lookup-ngram",
+        help="Longest n-gram prompt lookup matches, tried first (Hugging Face: 2).",
+    ),
+]
+LookupMinNgramOpt = Annotated[
+    int,
+    typer.Option(
+        "--prompt-lookup-min-ngram",
+        help="Shortest n-gram prompt lookup proposes from (vLLM's prompt_lookup_min).",
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]

@@ -17,6 +17,7 @@ from mlx_openelm.cli_common import (
     AdapterOpt,
     FrequencyOpt,
     LogitBiasOpt,
+    LookupMinNgramOpt,
     LookupNgramOpt,
     MaxTokensOpt,
     MinPOpt,
@@ -34,6 +35,7 @@ from mlx_openelm.cli_common import (
     err,
 )
 from mlx_openelm.generate_options import (
+    DEFAULT_LOOKUP_MIN_NGRAM,
     DEFAULT_LOOKUP_NGRAM,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
@@ -101,6 +103,7 @@ GENERATION_FLAGS: list[tuple[str, Any, Any]] = [
     ("logit_bias", LogitBiasOpt, None),
     ("prompt_lookup_num_tokens", PromptLookupOpt, None),
     ("prompt_lookup_max_ngram", LookupNgramOpt, DEFAULT_LOOKUP_NGRAM),
+    ("prompt_lookup_min_ngram", LookupMinNgramOpt, DEFAULT_LOOKUP_MIN_NGRAM),
     ("seed", SeedOpt, None),
     ("stop", StopOpt, None),
     ("num_draft_tokens", NumDraftOpt, DEFAULT_NUM_DRAFT),

@@ -30,7 +30,7 @@ INSTRUCT_DEFAULTS: Mapping[str, Any] = {
     "repetition_scope": "context",
     "prompt_lookup_num_tokens": 10,
 }
-_LOOKUP = ("prompt_lookup_num_tokens", "prompt_lookup_max_ngram")
+_LOOKUP = ("prompt_lookup_num_tokens", "prompt_lookup_max_ngram", "prompt_lookup_min_ngram")
 HF_TOP_K = 50  # transformers' GenerationConfig default, in force when do_sample is true
 
 

@@ -298,6 +298,7 @@ def _lookup(
     steps = lookup_generate_step(
         ids, model, cache=cache, context=context,
         num_tokens=opts.prompt_lookup_num_tokens, max_ngram=opts.prompt_lookup_max_ngram,
+        min_ngram=opts.prompt_lookup_min_ngram,
         max_tokens=opts.max_tokens, logits_processors=processors, stats=stats,
         sampling=Sampling(temp=opts.temp, top_p=opts.top_p, min_p=opts.min_p, top_k=opts.top_k),
         prompt_progress_callback=progress,

@@ -6,12 +6,13 @@ followed the last occurrence of the current n-gram are a free guess at what come
 has no such path, so this module owns it:
 
 - :class:`NGramIndex` proposes candidates as Hugging Face's ``PromptLookupCandidateGenerator``
-  does, the longest suffix n-gram first (``max_ngram`` down to 1), up to N tokens of what
-  followed it, with two changes measured on the trained checkpoint and the 270M shape
-  (RESULTS.md, *Decoding*): the **latest** earlier occurrence, not the earliest (recent text
-  predicts better), and a continuation that reaches the present **repeats** as an LZ77 copy
-  does (a loop of period 1-2 then yields N candidates, not 1-2). A dictionary of latest
-  occurrences makes each proposal O(max_ngram), not a scan of the context.
+  does, the longest suffix n-gram first (``max_ngram``: 4 by default, Hugging Face's is 2;
+  down to ``min_ngram``), up to N tokens of what followed it, with two changes measured on the
+  trained checkpoint and the 270M shape (RESULTS.md, *Decoding*): the **latest** earlier
+  occurrence, not the earliest (recent text predicts better), and a continuation that reaches
+  the present **repeats** as an LZ77 copy does (a loop of period 1-2 then yields N candidates,
+  not 1-2). A dictionary of latest occurrences makes each proposal O(max_ngram), not a scan of
+  the context.
 - :func:`lookup_generate_step` feeds ``[last token] + candidates`` through the model once, keeps
   the accepted prefix and the model's own next token, and trims the KV cache past the rejected
   ones. Greedy acceptance (candidate == argmax) gives exactly plain greedy decoding's tokens;
@@ -49,10 +50,11 @@ _BACKOFF_START, _BACKOFF_CAP = 4, 64
 
 class NGramIndex:
     """The latest start of every n-gram (``n <= max_ngram``) of a growing token list, and for
-    the current suffix n-grams, their latest start before the suffix itself."""
+    the current suffix n-grams, their latest start before the suffix itself. Proposals come
+    from matches of ``min_ngram`` to ``max_ngram`` tokens."""
 
-    def __init__(self, tokens: Sequence[int] = (), max_ngram: int = 3) -> None:
-        self.max_ngram = max_ngram
+    def __init__(self, tokens: Sequence[int] = (), max_ngram: int = 4, min_ngram: int = 1) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.tokens: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}
         self._before: list[int | None] = [None] * (max_ngram + 1)  # by n, for the suffix
@@ -78,7 +80,7 @@ class NGramIndex:
         toks, end = self.tokens, len(self.tokens)
         if num_tokens < 1:
             return []
-        for n in range(min(self.max_ngram, end - 1), 0, -1):
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = self._before[n]
             if start is not None:
                 src = start + n  # < end: the occurrence ends before the suffix does
@@ -171,7 +173,8 @@ def lookup_generate_step(
     cache: list[Any],
     context: Sequence[int] = (),
     num_tokens: int = 10,
-    max_ngram: int = 2,
+    max_ngram: int = 4,
+    min_ngram: int = 1,
     max_tokens: int = 256,
     sampling: Sampling = Sampling(),
     logits_processors: Sequence[LogitsProcessor] = (),
@@ -187,6 +190,7 @@ def lookup_generate_step(
             it holds ``context``, the prompt and the yielded tokens (all, or all but the last).
         context: ids already in ``cache``; lookup matches and the logits processors see them.
         num_tokens, max_ngram: at most N candidates, from suffix n-grams of at most this size.
+        min_ngram: a shorter match proposes nothing (vLLM's ``prompt_lookup_min``).
         sampling: the sampler; ``logits_processors`` see the whole history (context included).
         stats: counts proposed and accepted candidates, when given.
 
@@ -202,7 +206,7 @@ def lookup_generate_step(
     ids = prompt.tolist()
     with mx.stream(generation_stream):
         step.prefill(prompt, prefill_step_size, prompt_progress_callback)
-        step.index = NGramIndex([*context, *ids], max_ngram)
+        step.index = NGramIndex([*context, *ids], max_ngram, min_ngram)
         yield from step.run(num_tokens, max_tokens)
 
 

@@ -259,6 +259,7 @@ def test_bad_options_raise(inst, option, message):
         (["--prompt-lookup", "-1"], "--prompt-lookup"),
         (["--prompt-lookup", "1000"], "from 1 to 64"),
         (["--prompt-lookup-ngram", "0"], "--prompt-lookup-ngram"),
+        (["--prompt-lookup-min-ngram", "5"], "at most prompt_lookup_max_ngram"),
         (["--repetition-penalty", "0"], "--repetition-penalty"),
         (["--presence-penalty", "5"], "[-2, 2]"),
         (["--logit-bias", "5"], "ID=BIAS"),

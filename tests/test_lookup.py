@@ -33,11 +33,13 @@ def model64() -> Model:
     return tiny_model(64)
 
 
-def scan_candidates(ids: list[int], num_tokens: int, max_ngram: int) -> list[int]:
-    """Our rule as a plain scan: the longest suffix n-gram with an earlier occurrence (one that
-    ends before the suffix does), its latest such occurrence, and what followed it, repeated
-    with the period of the match when it runs into the present."""
-    for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+def scan_candidates(
+    ids: list[int], num_tokens: int, max_ngram: int, min_ngram: int = 1
+) -> list[int]:
+    """Our rule as a plain scan: the longest suffix n-gram (at least ``min_ngram`` tokens) with
+    an earlier occurrence (one that ends before the suffix does), its latest such occurrence,
+    and what followed it, repeated with the period of the match when it runs into the present."""
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
         suffix = ids[-n:]
         for i in range(len(ids) - n - 1, -1, -1):  # latest first, the suffix itself excluded
             if ids[i : i + n] == suffix:
@@ -54,6 +56,9 @@ def test_candidates_match_a_plain_scan_of_the_rule():
         ids = rng.integers(0, 6, size=int(rng.integers(1, 40))).tolist()
         for max_ngram, n in ((1, 3), (2, 10), (3, 5)):
             assert NGramIndex(ids, max_ngram).propose(n) == scan_candidates(ids, n, max_ngram), ids
+        for max_ngram, min_ngram in ((4, 1), (4, 2), (4, 4), (3, 2)):
+            got = NGramIndex(ids, max_ngram, min_ngram).propose(6)
+            assert got == scan_candidates(ids, 6, max_ngram, min_ngram), ids
     index = NGramIndex([], 2)
     for t in rng.integers(0, 4, size=200).tolist():  # incremental == rebuilt from scratch
         index.append(t)
@@ -72,6 +77,15 @@ def test_candidates_prefer_the_longest_ngram():
     assert NGramIndex(ids, 2).propose(3) == [9, 9, 5]
     assert NGramIndex([5, 6, 5, 7, 6], 3).propose(2) == [5, 7]  # only "6" matches
     assert NGramIndex([1, 2, 3], 3).propose(4) == []
+
+
+def test_shorter_matches_than_min_ngram_propose_nothing():
+    ids = [5, 6, 5, 7, 6]  # only the 1-gram "6" matches
+    assert NGramIndex(ids, 4, 1).propose(2) == [5, 7]
+    assert NGramIndex(ids, 4, 2).propose(2) == []
+    ids = [1, 2, 3, 9, 8, 2, 3]  # "2 3" matches (-> 9 8), nothing longer
+    assert NGramIndex(ids, 4, 2).propose(2) == [9, 8]
+    assert NGramIndex(ids, 4, 3).propose(2) == []
 
 
 def plain_greedy(model, prompt, max_tokens, processors=()):

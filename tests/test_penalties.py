@@ -81,6 +81,8 @@ def test_with_history_prepends_the_cached_tokens():
         ({"prompt_lookup_num_tokens": 0}, "--prompt-lookup"),
         ({"prompt_lookup_num_tokens": 1000}, "from 1 to 64"),
         ({"prompt_lookup_max_ngram": 0}, "--prompt-lookup-ngram"),
+        ({"prompt_lookup_min_ngram": 0}, "--prompt-lookup-min-ngram"),
+        ({"prompt_lookup_min_ngram": 3, "prompt_lookup_max_ngram": 2}, "3 > 2"),
         ({"repetition_penalty": 0.0}, "--repetition-penalty"),
         ({"repetition_penalty": -1.2}, "> 0"),
         ({"repetition_scope": "all"}, "'context' or 'window'"),

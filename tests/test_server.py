@@ -193,8 +193,9 @@ def test_prompt_lookup_and_penalties_match_generate(client, loaded):
                "repetition_penalty": 1.3}  # fmt: skip
     want = generate(model, tok, ids, max_tokens=16, **options)
     assert want != generate(model, tok, ids, max_tokens=16)
-    for lookup in (None, 5):
-        body = {**options, **({"prompt_lookup_num_tokens": lookup} if lookup else {})}
+    lookup_min = {"prompt_lookup_num_tokens": 5, "prompt_lookup_min_ngram": 2}
+    for lookup in ({}, {"prompt_lookup_num_tokens": 5}, lookup_min):
+        body = {**options, **lookup}
         r = client.chat.completions.create(model="x", messages=HI, max_tokens=16, extra_body=body)
         assert r.choices[0].message.content == want
     forced = tok.encode("hello", add_bos=False)[-1]
@@ -328,6 +329,12 @@ def test_one_log_line_per_request(client, caplog):
         ({"messages": HI, "presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
         ({"messages": HI, "frequency_penalty": "x"}, "frequency_penalty", "number"),
         ({"messages": HI, "prompt_lookup_num_tokens": -1}, "prompt_lookup_num_tokens", "to 64"),
+        ({"messages": HI, "prompt_lookup_min_ngram": 9}, "prompt_lookup_min_ngram", "from 1 to 8"),
+        (
+            {"messages": HI, "prompt_lookup_min_ngram": 5},
+            "prompt_lookup_min_ngram",
+            "at most `prompt_lookup_max_ngram` (4)",
+        ),
         ({"messages": HI, "repetition_scope": "all"}, "repetition_scope", "'context' or"),
     ],
 )

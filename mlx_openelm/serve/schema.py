@@ -174,9 +174,10 @@ _REQUEST_FIELDS = {
     "frequency_penalty": "frequency_penalty",
     "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
     "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
+    "prompt_lookup_min_ngram": "prompt_lookup_min_ngram",
 }
 _INTEGERS = {"top_k", "repetition_context_size", "seed"}
-_INTEGERS |= {"prompt_lookup_num_tokens", "prompt_lookup_max_ngram"}
+_INTEGERS |= {"prompt_lookup_num_tokens", "prompt_lookup_max_ngram", "prompt_lookup_min_ngram"}
 
 
 def _generation(
@@ -206,6 +207,12 @@ def _generation(
         name, valid, _ = bad
         param = _REQUEST_FIELDS.get(name, name)
         raise invalid(param, f"must be {valid}, got {getattr(options, name)}")
+    low, high = options.prompt_lookup_min_ngram, options.prompt_lookup_max_ngram
+    if low > high:
+        raise invalid(
+            "prompt_lookup_min_ngram",
+            f"must be at most `prompt_lookup_max_ngram` ({high}), got {low}",
+        )
     try:
         options.check_logit_bias(vocab_size)
     except GenerationError as e:
