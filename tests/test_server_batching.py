@@ -254,6 +254,87 @@ def test_a_job_the_batch_refuses_fails_alone_and_frees_its_place(loaded):
         engine.stop()
 
 
+def _engine_run(engine, jobs_and_events, timeout: float = 60) -> dict[str, list]:
+    """Every event each job's sink received, once all of them have finished."""
+    from mlx_openelm.serve.sequence import Failed, Finished
+
+    out = {}
+    for name, events in jobs_and_events.items():
+        got = []
+        while not got or not isinstance(got[-1], (Finished, Failed)):
+            got.append(events.get(timeout=timeout))
+        out[name] = got
+    return out
+
+
+def test_lookup_runs_alone_on_an_idle_engine_and_hands_off_when_another_arrives(loaded):
+    """One lookup request on an idle engine decodes with lookup; a request arriving after its
+    third token makes it go on in the batch (same Sequence: text, counts), the newcomer joins
+    at once, a lookup request arriving then decodes plainly, and every reply is generate's."""
+    import queue
+
+    from mlx_openelm.generate import GenerationOptions, stream_generate
+    from mlx_openelm.serve.engine import Engine
+    from mlx_openelm.serve.sequence import Finished, Job, Piece
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_queue=4, max_batch=4)
+    engine.start()
+    prompts = {"solo": "a b c a b c a b", "first": "Once upon a time, once upon",
+               "newcomer": "hi", "late": "x y z x y"}  # fmt: skip
+    n = {"solo": 40, "first": 48, "newcomer": 12, "late": 16}
+    lookup = GenerationOptions(prompt_lookup_num_tokens=5)
+    ids = {k: tok.encode(v) for k, v in prompts.items()}
+    want = {k: [r.token for r in stream_generate(model, tok, ids[k], max_tokens=n[k])] for k in ids}
+    events = {k: queue.Queue() for k in ids}
+
+    def job(name, options):
+        return Job(ids=ids[name], options=options.replace(max_tokens=n[name]),
+                   sink=events[name].put)  # fmt: skip
+
+    try:
+        engine.submit(job("solo", lookup))  # alone from start to end
+        solo = _engine_run(engine, {"solo": events["solo"]})["solo"]
+        assert (engine.stats.lookup, engine.stats.handed_off) == (1, 0)
+        assert engine.stats.lookup_proposed > 0 and engine.stats.lookup_accepted > 0
+        stop = tok.decode(want["solo"])[12:15]  # the Sequence cuts at a stop string here too
+        engine.submit(Job(ids=ids["solo"], options=lookup.replace(max_tokens=40, stop=(stop,)),
+                          sink=events["solo"].put))  # fmt: skip
+        cut = _engine_run(engine, {"solo": events["solo"]})["solo"]
+        text = "".join(e.text for e in cut if isinstance(e, Piece))
+        assert text == generate(model, tok, ids["solo"], max_tokens=40, stop=[stop])
+        assert stop not in text and cut[-1].finish_reason == "stop"
+        pieces = [0]
+
+        def first_sink(event):
+            events["first"].put(event)
+            pieces[0] += isinstance(event, Piece)
+            if pieces[0] == 3:  # the engine thread is inside the lookup loop: arrive now
+                engine.submit(job("newcomer", GenerationOptions()))
+                engine.submit(job("late", lookup))
+
+        engine.submit(Job(ids=ids["first"], options=lookup.replace(max_tokens=n["first"]),
+                          sink=first_sink))  # fmt: skip
+        got = {"solo": solo, **_engine_run(engine, {k: events[k] for k in n if k != "solo"})}
+        assert (engine.stats.lookup, engine.stats.handed_off) == (3, 1)  # "late" ran plainly
+        taken = engine.prefix_cache.stats.hits + engine.prefix_cache.stats.misses
+        assert taken == 5  # one cache per job: the handed-off job brought its own along
+        assert engine.stats.peak_batch >= 2
+        for name, evs in got.items():
+            text = "".join(e.text for e in evs if isinstance(e, Piece))
+            assert text == tok.decode(want[name]), name
+            end = evs[-1]
+            assert isinstance(end, Finished), (name, end)
+            assert (end.prompt_tokens, end.completion_tokens) == (len(ids[name]), n[name]), name
+            assert end.finish_reason == "length"
+        deadline = time.monotonic() + 20
+        while engine.pending:
+            assert time.monotonic() < deadline, engine.pending
+            time.sleep(0.005)
+    finally:
+        engine.stop()
+
+
 def test_n_above_one_is_400_and_the_batch_keeps_serving(url):
     client = _client(url)
     with pytest.raises(openai.BadRequestError) as e:

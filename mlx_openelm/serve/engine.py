@@ -14,9 +14,17 @@ At most ``max_batch + max_queue`` jobs are in the engine at once; more raise
 
 A seeded sampling request (``seed`` with ``temperature > 0``) runs alone through
 :func:`mlx_openelm.generate.stream_generate`, once the batch ahead of it has drained: MLX has
-one random state, so only alone is its reply the one ``generate`` gives for that seed. Prompt
-lookup (``prompt_lookup_num_tokens``) is a one-sequence speed-up; in the batch a request with it
-decodes plainly, which gives greedy requests the same tokens.
+one random state, so only alone is its reply the one ``generate`` gives for that seed.
+
+Prompt lookup (``prompt_lookup_num_tokens``) is a one-sequence speed-up: its verification passes
+have a different length each step, which a batch cannot share. A request with it that arrives
+at an idle engine (nothing running, nothing else waiting: one user and one app, the common case
+on a laptop) runs alone with lookup. When another request arrives while it runs, it hands off
+after the current token: the tokens so far and their KV cache join the batch, the same
+:class:`Sequence` goes on (its text, stop strings and counts), the request finishes there
+plainly and the newcomer joins at once instead of waiting for the whole reply. A lookup request
+that arrives while others run joins the batch and decodes plainly. Greedy replies are the same
+tokens on every path.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import mlx.nn as nn
 
 from ..errors import OpenELMError
 from ..generate import _for_mlx_lm, stream_generate
+from ..lookup import LookupStats
 from ..prompt_cache import DEFAULT_CACHE_BYTES, PrefixCache
 from .schema import DEFAULT_MAX_BATCH
 from .sequence import Event, Failed, Finished, Job, Piece, Sequence, logprob_of
@@ -56,7 +65,11 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     generated_tokens: int = 0
-    solo: int = 0  # jobs run alone (seeded sampling)
+    solo: int = 0  # jobs run alone (seeded sampling, a KV-cache option, or prompt lookup)
+    lookup: int = 0  # jobs decoded with prompt lookup alone (an idle engine)
+    handed_off: int = 0  # of those, jobs that went on in the batch when another arrived
+    lookup_proposed: int = 0  # candidate tokens prompt lookup proposed, over all jobs
+    lookup_accepted: int = 0  # and how many of them the model accepted
     batch_steps: int = 0
     peak_batch: int = 0  # the most sequences decoded in one step
 
@@ -65,6 +78,11 @@ def runs_alone(job: Job) -> bool:
     """Whether ``job`` needs the model to itself (see the module docstring)."""
     o = job.options
     return (o.seed is not None and o.temp > 0) or o.max_kv_size is not None or o.kv_bits is not None
+
+
+def uses_lookup(job: Job) -> bool:
+    """Whether ``job`` asks for prompt lookup (alone if the engine is idle, else plainly)."""
+    return job.options.prompt_lookup_num_tokens is not None
 
 
 class Engine:
@@ -195,27 +213,46 @@ class Engine:
                 job = self._waiting[0]
                 if runs_alone(job) and self._running:
                     return
+                lookup = uses_lookup(job) and not self._running and len(self._waiting) == 1
                 self._waiting.popleft()
             if runs_alone(job):
                 self._run_alone(job)
+            elif lookup:
+                self._run_lookup(gen, job)
             else:
                 self._insert(gen, job)
 
-    def _insert(self, gen: Any, job: Job) -> None:
+    def _checked(self, job: Job) -> Any:
+        """The job's options, validated (a bad one fails the job: None)."""
         try:
             options = job.options.validate()
             options.check_logit_bias(int(self.model.args.vocab_size))
+            return options
+        except Exception as e:
+            self._fail(job, e)
+            return None
+
+    def _insert(
+        self, gen: Any, job: Job, handed: tuple[Sequence, list[int], Any] | None = None
+    ) -> None:
+        """Add ``job`` to the batch; ``handed``: the sequence, tokens so far and their cache of a
+        job that ran alone with prompt lookup until now (see :meth:`_run_lookup`)."""
+        options = self._checked(job)
+        if options is None:
+            return
+        seq, ids, held = handed if handed is not None else (None, job.ids, None)
+        try:
             processors = options.logits_processors(start=len(job.ids), tokenizer=self.tokenizer)
         except Exception as e:
             self._fail(job, e)
             return
         try:
-            cache, reused = self.prefix_cache.take(job.ids)
+            cache, reused = held if held is not None else self.prefix_cache.take(ids)
             (uid,) = gen.insert(
-                [job.ids[reused:]],
-                max_tokens=[options.max_tokens],
+                [ids[reused:]],
+                max_tokens=[options.max_tokens - (seq.generated if seq else 0)],
                 caches=[cache],
-                all_tokens=[job.ids[:reused]],  # the processors see the whole context
+                all_tokens=[ids[:reused]],  # the processors see the whole context
                 samplers=[None if options.temp == 0 else options.sampler()],  # None: argmax
                 logits_processors=[processors],
             )
@@ -225,8 +262,9 @@ class Engine:
         except Exception as e:
             self._fail(job, e)
             raise  # the generator's state is unknown: the loop fails the batch, starts afresh
-        detokenizer = _for_mlx_lm(self.tokenizer).detokenizer
-        self._running[uid] = Sequence(job, detokenizer, self._eos, reused)
+        if seq is None:
+            seq = Sequence(job, _for_mlx_lm(self.tokenizer).detokenizer, self._eos, reused)
+        self._running[uid] = seq
 
     def _step(self, gen: Any) -> None:
         _, responses = gen.next()
@@ -297,6 +335,56 @@ class Engine:
         finally:
             self._solo = None
         self._done(job)
+
+    def _run_lookup(self, gen: Any, job: Job) -> None:
+        """Decode ``job`` alone with prompt lookup; hand it to the batch if another job comes."""
+        options = self._checked(job)
+        if options is None:
+            return
+        self._solo = job
+        self.stats.solo += 1
+        self.stats.lookup += 1
+        cache, reused = self.prefix_cache.take(job.ids)
+        seq = Sequence(job, _for_mlx_lm(self.tokenizer).detokenizer, self._eos, reused)
+        tokens, handoff, counts = list(job.ids), False, LookupStats()
+        # No stop strings here: the Sequence matches them, as it does in the batch.
+        responses = stream_generate(
+            self.model, self.tokenizer, job.ids[reused:], options=options.replace(stop=()),
+            prompt_cache=cache, context=job.ids[:reused], lookup_stats=counts,
+        )  # fmt: skip
+        try:
+            for r in responses:
+                tokens.append(r.token)
+                self.stats.generated_tokens += 1
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    break
+                if seq.push(r.token, r.logprobs):
+                    self.stats.completed += 1
+                    break
+                if self._waiting and not runs_alone(self._waiting[0]):  # go on together
+                    handoff = True
+                    break
+        except Exception as e:
+            responses.close()
+            self._solo = None
+            self.prefix_cache.clear()
+            self._fail(job, e)
+            return
+        responses.close()  # lookup trims the cache to the tokens yielded (or all but the last)
+        self._solo = None
+        self.stats.lookup_proposed += counts.proposed
+        self.stats.lookup_accepted += counts.accepted
+        if not handoff:
+            self.prefix_cache.put(cache, tokens)
+            self._done(job)
+            return
+        self.stats.handed_off += 1
+        if cache[0].offset == len(tokens):  # the batch feeds the last token itself
+            for c in cache:
+                c.trim(1)
+        held = (cache, len(tokens) - 1) if cache[0].offset == len(tokens) - 1 else None
+        self._insert(gen, job, (seq, tokens, held))
 
     def _stream_alone(self, job: Job) -> None:
         cache, reused = self.prefix_cache.take(job.ids)
