@@ -9,25 +9,29 @@ from ``../shared/data/shakespeare/valid.jsonl`` (Othello, never trained on), of 
   case prompt lookup is made for);
 - ``question``: the passage and a question about it.
 
-Runners, all greedy with EOS ignored (every run generates the same number of tokens):
-``mlx-lm`` (``mlx_lm.load`` + ``mlx_lm.stream_generate``, plain), ``ours plain``
-(``mlx_openelm.stream_generate``) and ``ours lookup N`` for N = 3, 5, 10. Each must produce
-mlx-lm's tokens exactly. Runs alternate their order round by round after a warm-up. The table
-gives, per runner, the best tokens/s of the rounds on the wall clock (from the call to the last
-token, prompt included: the same prompt for every runner; on a machine shared with other jobs
-the best round is the one least disturbed, medians swing 3x there), its ratio to mlx-lm's best,
-the CPU-time speedup (mlx-lm's median CPU seconds, ``time.process_time``, over the runner's:
-other processes barely move it),
-tokens per forward pass (``generated / (generated - accepted)``) and the share of proposed
-candidates accepted.
+Runners, all greedy with EOS ignored (every run generates the same number of tokens): ``mlx-lm``
+(``mlx_lm.load`` + ``mlx_lm.stream_generate``, plain), ``ours plain``
+(``mlx_openelm.stream_generate``), ``ours lookup N`` for N = 3, 5, 10 (our defaults: n-grams of
+4 tokens down to 1) and ``ours lookup 10, n-gram <= 2`` (Hugging Face's longest n-gram, 2, for
+comparison). Each must produce mlx-lm's tokens exactly. Runs alternate their order round by
+round after a warm-up. The table gives, per runner, the best tokens/s of the rounds on the wall
+clock (from the call to the last token, prompt included: the same prompt for every runner; on a
+machine shared with other jobs the best round is the one least disturbed, medians swing 3x
+there), its ratio to mlx-lm's best, the CPU-time speedup (mlx-lm's median CPU seconds,
+``time.process_time``, over the runner's: other processes barely move it), tokens per forward
+pass (``generated / (generated - accepted)``) and the share of proposed candidates accepted.
 
 Two modes without the side-by-side timing: ``--rules`` replays Hugging Face's candidate rule
 and ours on the same fixed greedy outputs (tokens per pass, acceptance, and a speed-up modelled
 with ``VERIFY_COST``); ``--verify-cost`` times one verification by number of candidates, beside
 a plain step of mlx-lm's loop (where ``VERIFY_COST`` comes from).
 
-Not measured: a 270M model drafting for a bigger one. No trained OpenELM larger than the tiny
-one is available offline, and random weights would accept nothing of each other's drafts.
+With ``--draft FOLDER`` (made by ``train_draft.py``: a 2-layer, 128-wide OpenELM trained on the
+same corpus) the trained tiny model also runs speculative decoding with that draft, mlx-lm's
+``stream_generate(draft_model=...)`` beside ours (which is mlx-lm's loop behind our options),
+for each ``--num-draft`` K; "accepted" is then the accepted draft tokens over K per target
+pass. Not measured: a 270M model drafting for a bigger one. No trained OpenELM larger than the
+tiny one is available offline, and random weights would accept nothing of each other's drafts.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         nice python benchmarks/bench_decoding.py --write   # replaces ## Decoding in RESULTS.md
@@ -49,6 +53,7 @@ from mlx.utils import tree_flatten
 import mlx_openelm
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.folder import write_model_folder
+from mlx_openelm.generate_options import DEFAULT_LOOKUP_NGRAM
 from mlx_openelm.lookup import LookupStats
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer import Tokenizer
@@ -106,10 +111,15 @@ def timed(stream, model, tok, ids: list[int], n: int, **kw) -> dict:
     if "prompt_lookup_num_tokens" in kw:
         kw["lookup_stats"] = stats
     tic, cpu = time.perf_counter(), time.process_time()
-    tokens = [r.token for r in stream(model, tok, ids, max_tokens=n, **kw)]
+    responses = list(stream(model, tok, ids, max_tokens=n, **kw))
     seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
+    tokens = [r.token for r in responses]
+    acc = stats.acceptance
+    if "draft_model" in kw:  # accepted draft tokens; proposed: num_draft_tokens per target pass
+        stats.accepted = sum(r.from_draft for r in responses)
+        acc = stats.accepted / ((len(tokens) - stats.accepted) * kw["num_draft_tokens"])
     per_pass = len(tokens) / (len(tokens) - stats.accepted)
-    return {"tps": len(tokens) / seconds, "cpu": cpu, "tokens": tokens, "acc": stats.acceptance,
+    return {"tps": len(tokens) / seconds, "cpu": cpu, "tokens": tokens, "acc": acc,
             "per_pass": per_pass}  # fmt: skip
 
 
@@ -127,6 +137,23 @@ def bench_model(folder: Path, args: argparse.Namespace) -> dict:
         runners[f"ours lookup {k}"] = lambda ids, n, k=k: timed(
             mlx_openelm.stream_generate, ours, ours_tok, ids, n, prompt_lookup_num_tokens=k
         )
+    for g in args.ngram_compare:
+        runners[f"ours lookup {max(args.lookup)}, n-gram <= {g}"] = lambda ids, n, g=g: timed(
+            mlx_openelm.stream_generate, ours, ours_tok, ids, n,
+            prompt_lookup_num_tokens=max(args.lookup), prompt_lookup_max_ngram=g,
+        )  # fmt: skip
+    if args.draft is not None and folder.name == "tiny-shakespeare":
+        our_draft, _ = mlx_openelm.load(args.draft)
+        their_draft, _ = mlx_lm.load(str(args.draft))
+        for k in args.num_draft:
+            runners[f"mlx-lm draft {k}"] = lambda ids, n, k=k: timed(
+                mlx_lm.stream_generate, theirs, no_eos(their_tok), ids, n,
+                draft_model=their_draft, num_draft_tokens=k,
+            )  # fmt: skip
+            runners[f"ours draft {k}"] = lambda ids, n, k=k: timed(
+                mlx_openelm.stream_generate, ours, ours_tok, ids, n,
+                draft_model=our_draft, num_draft_tokens=k,
+            )  # fmt: skip
     out: dict[str, dict] = {}
     for kind, text in prompts(args.chars).items():
         ids = our_tok.encode(text, add_bos=True)
@@ -210,10 +237,13 @@ def rules_table(name: str, folder: Path, args: argparse.Namespace) -> str:
     model, tok = mlx_openelm.load(folder)
     wrapper = no_eos(tok.to_mlx_lm())
     rules = {
-        "Hugging Face (earliest)": lambda known, k: hf_candidates(known, k, 2),
-        "ours (latest, LZ77 copy)": lambda known, k: NGramIndex(known, 2).propose(k),
+        "Hugging Face (earliest, n-gram <= 2)": lambda known, k: hf_candidates(known, k, 2),
+        "ours (latest, LZ77 copy, n-gram <= 2)": lambda known, k: NGramIndex(known, 2).propose(k),
+        f"ours, n-gram <= {DEFAULT_LOOKUP_NGRAM} (default)": lambda known, k: NGramIndex(
+            known, DEFAULT_LOOKUP_NGRAM
+        ).propose(k),
     }
-    lines = [f"**{name}** ({args.tokens} greedy tokens, max n-gram 2)", "",
+    lines = [f"**{name}** ({args.tokens} greedy tokens)", "",
              "| prompt | N | " + " | ".join(f"{r}: tokens/pass, accepted, modelled speed-up"
                                             for r in rules) + " |",
              "|---|---:|" + "---:|" * len(rules)]  # fmt: skip
@@ -240,7 +270,7 @@ def table(name: str, result: dict, tokens: int) -> str:
         base_cpu = statistics.median(x["cpu"] for x in r["rows"]["mlx-lm"])
         for runner, rows in r["rows"].items():
             tps, cpu = max(x["tps"] for x in rows), statistics.median(x["cpu"] for x in rows)
-            acc = f"{rows[0]['acc']:.0%}" if "lookup" in runner else ""
+            acc = f"{rows[0]['acc']:.0%}" if "lookup" in runner or "draft" in runner else ""
             lines.append(
                 f"| {kind} ({r['prompt_tokens']} tok) | {runner} | {tps:.1f} | "
                 f"{tps / base:.2f}x | {base_cpu / cpu:.2f}x | {rows[0]['per_pass']:.2f} | {acc} | "
@@ -257,6 +287,19 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=900, help="passage length in characters")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lookup", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument(
+        "--ngram-compare",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="also run the largest N with these longest n-grams (default: 2, Hugging Face's)",
+    )
+    parser.add_argument(
+        "--draft",
+        type=Path,
+        help="a draft for the trained tiny model (train_draft.py): adds draft-model rows",
+    )
+    parser.add_argument("--num-draft", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--write", action="store_true", help="replace ## Decoding in RESULTS.md")
     parser.add_argument(
         "--rules",

@@ -17,6 +17,9 @@ It also checks that each batched reply equals the reply the same prompt gets alo
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 OPENBLAS_CORETYPE=SkylakeX \\
         python benchmarks/bench_server.py --write     # replace "## Server" in RESULTS.md
 
+``--json`` and ``--lookup N`` run our server alone, plain requests against the same requests with
+``response_format`` json_schema or ``prompt_lookup_num_tokens: N``.
+
 Bounded: ``--budget`` seconds in all (rounds that would start past it are skipped and said so).
 """
 
@@ -49,6 +52,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
 SECTION = "## Server"
 JSON_SECTION = "## Server: structured output"
+LOOKUP_SECTION = "## Server: prompt lookup"
 EOS = 2  # Llama-2's
 WORDS = "the a river mountain quiet city light morning story old friend walked over".split()
 
@@ -246,39 +250,95 @@ def ours_server(folder: str, max_batch: int) -> Server:
     return Server("ours", cmd)
 
 
-def run_json(args: argparse.Namespace, prompts: list[str], clients: list[int], began: float,
-             load: tuple[float, ...]) -> None:  # fmt: skip
-    """Our server alone: the same rounds, plain requests vs ``response_format`` json_schema."""
-    runners = {"plain": None, "json": {"response_format": JSON_FORMAT}}
+def ours_rounds(
+    runners: dict[str, dict | None], args: argparse.Namespace, prompts: list[str],
+    clients: list[int], began: float,
+) -> dict[tuple[str, int], list[dict]]:  # fmt: skip
+    """Our server alone, the same rounds for two kinds of request (``runners``: name -> extra
+    request fields), alternating."""
     rows: dict[tuple[str, int], list[dict]] = {(n, c): [] for c in clients for n in runners}
     with tempfile.TemporaryDirectory() as tmp:
         server = ours_server(str(make_folder(Path(tmp) / "openelm-270M-random")), max(clients))
         try:
             server.wait_ready()
-            for extra in runners.values():  # warm-up (the grammar's vocabulary is built once)
+            for extra in runners.values():  # warm-up (a grammar's vocabulary is built once)
                 one_round(server, prompts[:2], 4, extra)
             alternate(
-                rows, ("plain", "json"), args, clients, began,
+                rows, tuple(runners), args, clients, began,
                 lambda name, c: one_round(server, prompts[:c], args.tokens, runners[name]),
             )  # fmt: skip
         finally:
             server.stop()
+    return rows
+
+
+def pair_lines(
+    rows: dict[tuple[str, int], list[dict]], clients: list[int], names: tuple[str, str],
+    last: Callable[[list[dict], list[dict]], str],
+) -> list[str]:  # fmt: skip
+    """Table rows per client count: both runners' median tok/s, their ratio, median TTFTs and
+    ``last(first runner's rounds, second's)``."""
+    lines = []
+    for c in clients:
+        a, b = rows[(names[0], c)], rows[(names[1], c)]
+        if not a or not b:
+            lines.append(f"| {c} | not run (budget) | | | | |")
+            continue
+        p, q = (statistics.median(r["tps"] for r in x) for x in (a, b))
+        tp, tq = (statistics.median(r["ttft"] for r in x) for x in (a, b))
+        lines.append(f"| {c} | {p:.1f} | {q:.1f} | {q / p:.2f}× | {tp:.2f} / {tq:.2f} "
+                     f"| {last(a, b)} |")  # fmt: skip
+    return lines
+
+
+def run_lookup(args: argparse.Namespace, prompts: list[str], clients: list[int], began: float,
+               load: tuple[float, ...]) -> None:  # fmt: skip
+    """Our server alone: plain requests vs the same with ``prompt_lookup_num_tokens``."""
+    runners = {"plain": None, "lookup": {"prompt_lookup_num_tokens": args.lookup}}
+    rows = ours_rounds(runners, args, prompts, clients, began)
+    lines = [
+        "| clients | plain tok/s | lookup tok/s | lookup / plain | TTFT s plain / lookup | "
+        "same replies |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def same(plain: list[dict], look: list[dict]) -> str:
+        return "yes" if all(r["texts"] == plain[0]["texts"] for r in plain + look) else "NO"
+
+    lines += pair_lines(rows, clients, ("plain", "lookup"), same)
+    text = (
+        f"{LOOKUP_SECTION}\n\n"
+        f"`python benchmarks/bench_server.py --lookup {args.lookup}` — our server alone "
+        f"(`--max-batch {max(clients)}`), the 270M-shaped random float32 model, {args.tokens} "
+        f"tokens per client, greedy, EOS biased away, streaming `/v1/completions`; rounds "
+        f"alternate between plain requests and the same requests with "
+        f"`prompt_lookup_num_tokens: {args.lookup}`, {args.rounds} rounds (median), "
+        f"{os.cpu_count()} CPU cores, load average {load[0]:.2f} at start. One client finds the "
+        f"server idle and decodes with lookup alone; clients arriving together share the batch "
+        f"and decode plainly. Took {time.monotonic() - began:.0f} s.\n\n"
+        + "\n".join(lines) + "\n"
+    )  # fmt: skip
+    print(text)
+    if args.write:
+        write_section(text, LOOKUP_SECTION)
+
+
+def run_json(args: argparse.Namespace, prompts: list[str], clients: list[int], began: float,
+             load: tuple[float, ...]) -> None:  # fmt: skip
+    """Our server alone: the same rounds, plain requests vs ``response_format`` json_schema."""
+    runners = {"plain": None, "json": {"response_format": JSON_FORMAT}}
+    rows = ours_rounds(runners, args, prompts, clients, began)
     lines = [
         "| clients | plain tok/s | json tok/s | json / plain | TTFT s plain / json | "
         "json replies that parse (or are a cut-off prefix) |",
         "|---|---|---|---|---|---|",
     ]
-    for c in clients:
-        plain, js = rows[("plain", c)], rows[("json", c)]
-        if not plain or not js:
-            lines.append(f"| {c} | not run (budget) | | | | |")
-            continue
-        p, j = (statistics.median(r["tps"] for r in x) for x in (plain, js))
-        tp, tj = (statistics.median(r["ttft"] for r in x) for x in (plain, js))
+
+    def parsed(_: list[dict], js: list[dict]) -> str:
         texts = [t for r in js for t in r["texts"]]
-        ok = sum(_json_or_prefix(t) for t in texts)
-        lines.append(f"| {c} | {p:.1f} | {j:.1f} | {j / p:.2f}× | {tp:.2f} / {tj:.2f} "
-                     f"| {ok}/{len(texts)} |")  # fmt: skip
+        return f"{sum(_json_or_prefix(t) for t in texts)}/{len(texts)}"
+
+    lines += pair_lines(rows, clients, ("plain", "json"), parsed)
     text = (
         f"{JSON_SECTION}\n\n"
         f"`python benchmarks/bench_server.py --json` — our server alone (`--max-batch "
@@ -318,6 +378,10 @@ def main() -> None:
         "--json", action="store_true",
         help=f"ours only, plain vs response_format json_schema requests ({JSON_SECTION})",
     )  # fmt: skip
+    parser.add_argument(
+        "--lookup", type=int, metavar="N",
+        help=f"ours only, plain vs prompt_lookup_num_tokens N requests ({LOOKUP_SECTION})",
+    )  # fmt: skip
     args = parser.parse_args()
     if not TOKENIZER.is_file():
         sys.exit(f"needs the Llama-2 tokenizer at {TOKENIZER} (../shared)")
@@ -333,6 +397,8 @@ def main() -> None:
     load = os.getloadavg()
     if args.json:
         return run_json(args, prompts, clients, began, load)
+    if args.lookup:
+        return run_lookup(args, prompts, clients, began, load)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_folder(Path(tmp) / "openelm-270M-random"))
         servers = {
