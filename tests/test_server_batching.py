@@ -246,12 +246,16 @@ def test_a_job_the_batch_refuses_fails_alone_and_frees_its_place(loaded):
         while not isinstance(last, (Finished, Failed)):
             last = events["ok"].get(timeout=60)
         assert isinstance(last, Finished) and last.completion_tokens == 40  # it kept decoding
-        deadline = time.monotonic() + 20
-        while engine.pending:
-            assert time.monotonic() < deadline, engine.pending
-            time.sleep(0.005)
+        _wait_until_idle(engine)
     finally:
         engine.stop()
+
+
+def _wait_until_idle(engine) -> None:
+    deadline = time.monotonic() + 20
+    while engine.pending:
+        assert time.monotonic() < deadline, engine.pending
+        time.sleep(0.005)
 
 
 def _engine_run(engine, jobs_and_events, timeout: float = 60) -> dict[str, list]:
@@ -327,10 +331,7 @@ def test_lookup_runs_alone_on_an_idle_engine_and_hands_off_when_another_arrives(
             assert isinstance(end, Finished), (name, end)
             assert (end.prompt_tokens, end.completion_tokens) == (len(ids[name]), n[name]), name
             assert end.finish_reason == "length"
-        deadline = time.monotonic() + 20
-        while engine.pending:
-            assert time.monotonic() < deadline, engine.pending
-            time.sleep(0.005)
+        _wait_until_idle(engine)
     finally:
         engine.stop()
 
