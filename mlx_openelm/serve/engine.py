@@ -44,7 +44,7 @@ from ..generate import _for_mlx_lm, stream_generate
 from ..lookup import LookupStats
 from ..prompt_cache import DEFAULT_CACHE_BYTES, PrefixCache
 from .schema import DEFAULT_MAX_BATCH
-from .sequence import Event, Failed, Finished, Job, Piece, Sequence, logprob_of
+from .sequence import Event, Failed, Finished, Job, Piece, Sequence
 
 __all__ = ["DEFAULT_MAX_BATCH", "Engine", "Event", "Failed", "Finished", "Job", "Piece"]
 __all__ += ["QueueFull"]
@@ -66,8 +66,8 @@ class EngineStats:
     failed: int = 0
     generated_tokens: int = 0
     solo: int = 0  # jobs run alone (seeded sampling, a KV-cache option, or prompt lookup)
-    lookup: int = 0  # jobs decoded with prompt lookup alone (an idle engine)
-    handed_off: int = 0  # of those, jobs that went on in the batch when another arrived
+    lookup: int = 0  # of those, jobs decoded with prompt lookup
+    handed_off: int = 0  # lookup jobs that went on in the batch when another arrived
     lookup_proposed: int = 0  # candidate tokens prompt lookup proposed, over all jobs
     lookup_accepted: int = 0  # and how many of them the model accepted
     batch_steps: int = 0
@@ -218,7 +218,7 @@ class Engine:
             if runs_alone(job):
                 self._run_alone(job)
             elif lookup:
-                self._run_lookup(gen, job)
+                self._run_alone(job, gen)
             else:
                 self._insert(gen, job)
 
@@ -236,7 +236,7 @@ class Engine:
         self, gen: Any, job: Job, handed: tuple[Sequence, list[int], Any] | None = None
     ) -> None:
         """Add ``job`` to the batch; ``handed``: the sequence, tokens so far and their cache of a
-        job that ran alone with prompt lookup until now (see :meth:`_run_lookup`)."""
+        job that ran alone with prompt lookup until now (see :meth:`_run_alone`)."""
         options = self._checked(job)
         if options is None:
             return
@@ -323,27 +323,16 @@ class Engine:
 
     # --- Alone ------------------------------------------------------------------------------
 
-    def _run_alone(self, job: Job) -> None:
-        self._solo = job
-        self.stats.solo += 1
-        try:
-            self._stream_alone(job)
-        except Exception as e:
-            self.prefix_cache.clear()
-            self._fail(job, e)
-            return
-        finally:
-            self._solo = None
-        self._done(job)
-
-    def _run_lookup(self, gen: Any, job: Job) -> None:
-        """Decode ``job`` alone with prompt lookup; hand it to the batch if another job comes."""
+    def _run_alone(self, job: Job, gen: Any = None) -> None:
+        """Decode ``job`` by itself through ``stream_generate`` (prompt lookup included). With
+        ``gen`` (a lookup job that found the engine idle), hand it to that batch when another
+        job arrives, one that need not run alone."""
         options = self._checked(job)
         if options is None:
             return
         self._solo = job
         self.stats.solo += 1
-        self.stats.lookup += 1
+        self.stats.lookup += uses_lookup(job)
         cache, reused = self.prefix_cache.take(job.ids)
         seq = Sequence(job, _for_mlx_lm(self.tokenizer).detokenizer, self._eos, reused)
         tokens, handoff, counts = list(job.ids), False, LookupStats()
@@ -362,19 +351,18 @@ class Engine:
                 if seq.push(r.token, r.logprobs):
                     self.stats.completed += 1
                     break
-                if self._waiting and not runs_alone(self._waiting[0]):  # go on together
-                    handoff = True
+                if gen is not None and self._waiting and not runs_alone(self._waiting[0]):
+                    handoff = True  # someone else wants the model: go on together
                     break
         except Exception as e:
-            responses.close()
-            self._solo = None
             self.prefix_cache.clear()
             self._fail(job, e)
             return
-        responses.close()  # lookup trims the cache to the tokens yielded (or all but the last)
-        self._solo = None
-        self.stats.lookup_proposed += counts.proposed
-        self.stats.lookup_accepted += counts.accepted
+        finally:
+            responses.close()  # lookup trims the cache to the tokens yielded (or all but last)
+            self._solo = None
+            self.stats.lookup_proposed += counts.proposed
+            self.stats.lookup_accepted += counts.accepted
         if not handoff:
             self.prefix_cache.put(cache, tokens)
             self._done(job)
@@ -385,32 +373,3 @@ class Engine:
                 c.trim(1)
         held = (cache, len(tokens) - 1) if cache[0].offset == len(tokens) - 1 else None
         self._insert(gen, job, (seq, tokens, held))
-
-    def _stream_alone(self, job: Job) -> None:
-        cache, reused = self.prefix_cache.take(job.ids)
-        held = list(job.ids)  # what the cache holds once each yielded token is fed to the model
-        responses = stream_generate(
-            self.model, self.tokenizer, job.ids[reused:], options=job.options,
-            prompt_cache=cache, context=job.ids[:reused],
-        )  # fmt: skip
-        try:
-            for r in responses:
-                held.append(r.token)
-                self.stats.generated_tokens += 1
-                if job.cancelled.is_set():
-                    self.stats.cancelled += 1
-                    return
-                is_eos = r.finish_reason == "stop" and r.token in self._eos
-                lp = None if is_eos else logprob_of(r.token, r.logprobs, job.top_logprobs)
-                job.sink(Piece(r.text, lp))
-                if r.finish_reason is not None:
-                    self.stats.completed += 1
-                    job.sink(
-                        Finished(
-                            finish_reason=r.finish_reason, prompt_tokens=len(job.ids),
-                            cached_tokens=reused, completion_tokens=r.generation_tokens,
-                        )
-                    )  # fmt: skip
-        finally:
-            responses.close()
-            self.prefix_cache.put(cache, held)
