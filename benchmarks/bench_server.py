@@ -274,11 +274,13 @@ def ours_rounds(
 
 def pair_lines(
     rows: dict[tuple[str, int], list[dict]], clients: list[int], names: tuple[str, str],
-    last: Callable[[list[dict], list[dict]], str],
+    last: tuple[str, Callable[[list[dict], list[dict]], str]],
 ) -> list[str]:  # fmt: skip
-    """Table rows per client count: both runners' median tok/s, their ratio, median TTFTs and
-    ``last(first runner's rounds, second's)``."""
-    lines = []
+    """A table, a row per client count: both runners' median tok/s, their ratio, median TTFTs
+    and a last column (``last``: its header, and its cell from the two runners' rounds)."""
+    x, y = names
+    lines = [f"| clients | {x} tok/s | {y} tok/s | {y} / {x} | TTFT s {x} / {y} | {last[0]} |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for c in clients:
         a, b = rows[(names[0], c)], rows[(names[1], c)]
         if not a or not b:
@@ -287,7 +289,7 @@ def pair_lines(
         p, q = (statistics.median(r["tps"] for r in x) for x in (a, b))
         tp, tq = (statistics.median(r["ttft"] for r in x) for x in (a, b))
         lines.append(f"| {c} | {p:.1f} | {q:.1f} | {q / p:.2f}× | {tp:.2f} / {tq:.2f} "
-                     f"| {last(a, b)} |")  # fmt: skip
+                     f"| {last[1](a, b)} |")  # fmt: skip
     return lines
 
 
@@ -296,16 +298,11 @@ def run_lookup(args: argparse.Namespace, prompts: list[str], clients: list[int],
     """Our server alone: plain requests vs the same with ``prompt_lookup_num_tokens``."""
     runners = {"plain": None, "lookup": {"prompt_lookup_num_tokens": args.lookup}}
     rows = ours_rounds(runners, args, prompts, clients, began)
-    lines = [
-        "| clients | plain tok/s | lookup tok/s | lookup / plain | TTFT s plain / lookup | "
-        "same replies |",
-        "|---|---|---|---|---|---|",
-    ]
 
     def same(plain: list[dict], look: list[dict]) -> str:
         return "yes" if all(r["texts"] == plain[0]["texts"] for r in plain + look) else "NO"
 
-    lines += pair_lines(rows, clients, ("plain", "lookup"), same)
+    lines = pair_lines(rows, clients, ("plain", "lookup"), ("same replies", same))
     text = (
         f"{LOOKUP_SECTION}\n\n"
         f"`python benchmarks/bench_server.py --lookup {args.lookup}` — our server alone "
@@ -328,17 +325,13 @@ def run_json(args: argparse.Namespace, prompts: list[str], clients: list[int], b
     """Our server alone: the same rounds, plain requests vs ``response_format`` json_schema."""
     runners = {"plain": None, "json": {"response_format": JSON_FORMAT}}
     rows = ours_rounds(runners, args, prompts, clients, began)
-    lines = [
-        "| clients | plain tok/s | json tok/s | json / plain | TTFT s plain / json | "
-        "json replies that parse (or are a cut-off prefix) |",
-        "|---|---|---|---|---|---|",
-    ]
 
     def parsed(_: list[dict], js: list[dict]) -> str:
         texts = [t for r in js for t in r["texts"]]
         return f"{sum(_json_or_prefix(t) for t in texts)}/{len(texts)}"
 
-    lines += pair_lines(rows, clients, ("plain", "json"), parsed)
+    last = ("json replies that parse (or are a cut-off prefix)", parsed)
+    lines = pair_lines(rows, clients, ("plain", "json"), last)
     text = (
         f"{JSON_SECTION}\n\n"
         f"`python benchmarks/bench_server.py --json` — our server alone (`--max-batch "
