@@ -114,11 +114,11 @@ def timed(stream, model, tok, ids: list[int], n: int, **kw) -> dict:
     responses = list(stream(model, tok, ids, max_tokens=n, **kw))
     seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     tokens = [r.token for r in responses]
-    acc = stats.acceptance
+    accepted, acc = stats.accepted, stats.acceptance
     if "draft_model" in kw:  # accepted draft tokens; proposed: num_draft_tokens per target pass
-        stats.accepted = sum(r.from_draft for r in responses)
-        acc = stats.accepted / ((len(tokens) - stats.accepted) * kw["num_draft_tokens"])
-    per_pass = len(tokens) / (len(tokens) - stats.accepted)
+        accepted = sum(r.from_draft for r in responses)
+        acc = accepted / ((len(tokens) - accepted) * kw["num_draft_tokens"])
+    per_pass = len(tokens) / (len(tokens) - accepted)
     return {"tps": len(tokens) / seconds, "cpu": cpu, "tokens": tokens, "acc": acc,
             "per_pass": per_pass}  # fmt: skip
 

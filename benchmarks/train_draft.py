@@ -30,7 +30,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.optimizers import clip_grad_norm
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.folder import write_model_folder
@@ -96,7 +97,7 @@ def train(out: Path, steps: int, batch: int, seed: int, dtype: str) -> None:
     args = ModelArgs.from_dict(DRAFT_SHAPE)
     model = Model(args)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    cosine = make_schedule("cosine", 3e-3, steps, warmup=80)
+    cosine = make_schedule("cosine", 3e-3, steps, warmup=min(80, steps - 1))  # 80, as the target
 
     def rate(step):  # cosine to 5% of the peak, as the target's run
         return 0.05 * 3e-3 + 0.95 * cosine(step)
@@ -117,7 +118,7 @@ def train(out: Path, steps: int, batch: int, seed: int, dtype: str) -> None:
         rows = np.stack([train_ids[s : s + WINDOW + 1] for s in starts])
         x, y = mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
         loss, grads = grad_fn(model, x, y)
-        grads, _ = _clip(grads, 1.0)
+        grads, _ = clip_grad_norm(grads, 1.0)
         lr = rate(mx.array(step))
         params = dict(tree_flatten(model.parameters()))
         opt.update(model, grads)
@@ -132,16 +133,8 @@ def train(out: Path, steps: int, batch: int, seed: int, dtype: str) -> None:
     report(out)
 
 
-def _clip(grads, max_norm: float):
-    from mlx.optimizers import clip_grad_norm
-
-    return clip_grad_norm(grads, max_norm)
-
-
 def _decayed(model: nn.Module, before: dict, keys: set[str], rate: mx.array):
     """Parameters after decoupled weight decay: ``p - rate * p_before`` for ``keys``."""
-    from mlx.utils import tree_unflatten
-
     now = dict(tree_flatten(model.parameters()))
     return tree_unflatten([(k, now[k] - rate * before[k]) for k in keys])
 
